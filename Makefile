@@ -1,0 +1,28 @@
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: install demo test gpu-test cuda-compile bench
+
+# The environment's torch is used as is (never a second copy); on a machine without torch this
+# installs the CPU build first.
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -q ninja numpy tqdm pytest hypothesis expecttest matplotlib triton==3.6.0
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+demo: install
+	$(PYTHON) -m sparserec.cli demo
+
+test: install cuda-compile
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests
+
+# Compiles every .cu file with nvcc for Hopper (when nvcc exists), so CUDA code is checked on
+# CPU-only machines too; nothing built here runs.
+cuda-compile:
+	$(PYTHON) tools/compile_cuda.py
+
+gpu-test: install
+	$(PYTHON) -m pytest -q -m gpu tests
+
+bench: install
+	$(PYTHON) benchmarks/attention_scaling.py

@@ -1,0 +1,57 @@
+"""Builds `sparserec._C`: C++ CPU ops always, CUDA ops when torch has CUDA and nvcc is found.
+
+Environment flags (also listed in the README):
+  SPARSEREC_NO_EXT=1      install pure Python (no compiled extension)
+  SPARSEREC_FORCE_CUDA=1  build the CUDA sources even when no GPU/CUDA torch is visible
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+packages = find_packages(include=["sparserec", "sparserec.*"]) + ["sparserec.triton_kernels"]
+package_dir = {"sparserec.triton_kernels": "triton_kernels"}
+
+
+def _extensions():
+    if os.environ.get("SPARSEREC_NO_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    use_cuda = os.environ.get("SPARSEREC_FORCE_CUDA") == "1" or (
+        torch.version.cuda is not None and CUDA_HOME is not None
+    )
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    extension = CppExtension
+    extra = {"cxx": cxx_flags}
+    macros = []
+    if use_cuda:
+        extension = CUDAExtension
+        sources += cuda_sources
+        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        macros.append(("SPARSEREC_WITH_CUDA", None))
+    ext = extension(
+        "sparserec._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+        define_macros=macros,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"sparserec": ["data/embedded/*"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

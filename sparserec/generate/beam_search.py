@@ -1,0 +1,97 @@
+"""Trie-constrained beam search for any autoregressive model (SPEC §4).
+
+The loop owns the beams (scores, trie nodes) and calls the model once per generated token through
+`step_fn`; the model owns its state (e.g. the decoder's KV cache) and reorders it by the parent
+rows it is given. One `trie_beam_step` per token: no Python loop over beams, no host sync.
+"""
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..ops.trie import trie_beam_step
+from .trie import Trie
+
+# step_fn(tokens, parent_rows) -> log_probs; see beam_search.
+StepFn = Callable[[Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+
+
+def beam_search(step_fn: StepFn, trie: Trie, batch_size: int, beam_size: int, *,
+                prefix_tokens: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+                normalize: bool = False):
+    """Decode the beam_size best items of each batch row -> (items, scores), both (B, K), best first.
+
+    The model keeps B*K rows of state, row b*K + k for beam k of batch row b, and is called once
+    per token as step_fn(tokens, parent_rows):
+      tokens       (B*K, 1) int64, the token each beam chose at the previous step; None on the
+                   first call, where the model starts from its own start token(s).
+      parent_rows  (B*K,) int64, the row of the previous state each beam continues; None on the
+                   first call. Reorder the state first, e.g. cache = cache.index_select(0, parent_rows).
+      returns      log-probs of the next token for every row, (B*K, V) or (B, K, V), V >= trie.vocab_size.
+    Beams without a valid continuation score -inf; they are fed token 0 and the parent row of
+    beam 0 of their batch row, and what the model returns for them is ignored.
+
+    prefix_tokens: optional distinct token ids of a free first step, outside the trie (e.g. the
+    behavior token): the first token is chosen among them, then the item path follows. An item
+    reached under several prefixes is returned once, with its best score.
+    normalize: re-normalise each step's log-probs over the allowed tokens (see trie_beam_step).
+
+    Returns items (B, K) int64 item ids, -1 where fewer than K items were found, and scores
+    (B, K) float32, the summed log-probs of each item's tokens (-inf where missing).
+    """
+    if not callable(step_fn):
+        raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
+    if not isinstance(trie, Trie):
+        raise TypeError(f"trie must be a sparserec.generate.Trie, got {type(trie).__name__}")
+    for name, value in (("batch_size", batch_size), ("beam_size", beam_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    device = trie.device
+    steps = [trie] * trie.depth
+    if prefix_tokens is not None:
+        steps.insert(0, _prefix_trie(prefix_tokens, device))
+
+    scores = torch.full((batch_size, beam_size), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    nodes = torch.zeros(batch_size, beam_size, dtype=torch.long, device=device)
+    first_row = torch.arange(batch_size, device=device).unsqueeze(1) * beam_size
+    tokens = parent_rows = None
+    for step_trie in steps:
+        log_probs = step_fn(tokens, parent_rows)
+        if not isinstance(log_probs, torch.Tensor) or log_probs.dim() not in (2, 3) \
+                or log_probs.shape[:-1].numel() != batch_size * beam_size:
+            shape = tuple(log_probs.shape) if isinstance(log_probs, torch.Tensor) else type(log_probs).__name__
+            raise ValueError(f"step_fn must return log-probs of shape (B*K, V) or (B, K, V) with "
+                             f"B*K = {batch_size * beam_size}, got {shape}")
+        log_probs = log_probs.reshape(batch_size, beam_size, -1).float()
+        scores, parents, chosen, nodes = trie_beam_step(log_probs, scores, nodes, step_trie, beam_size,
+                                                        normalize=normalize)
+        parent_rows = (first_row + parents.clamp(min=0)).reshape(-1)
+        tokens = chosen.clamp(min=0).reshape(-1, 1)
+        if step_trie is not trie:  # the prefix is chosen; every beam enters the item trie at its root
+            nodes = torch.zeros_like(nodes)
+
+    items = trie.item_of(nodes)
+    if prefix_tokens is None:
+        return items, scores  # distinct trie leaves are distinct items
+    return _keep_first_occurrences(items, scores)
+
+
+def _prefix_trie(prefix_tokens, device) -> Trie:
+    prefix_tokens = torch.as_tensor(prefix_tokens)
+    if prefix_tokens.dim() != 1 or prefix_tokens.numel() == 0:
+        raise ValueError(f"prefix_tokens must be a non-empty 1-D sequence of token ids, got shape "
+                         f"{tuple(prefix_tokens.shape)}")
+    if prefix_tokens.unique().numel() != prefix_tokens.numel():
+        raise ValueError(f"prefix_tokens must be distinct, got {prefix_tokens.tolist()}")
+    return Trie(prefix_tokens.unsqueeze(1), device=device)
+
+
+def _keep_first_occurrences(items, scores):
+    """Each row best first: drop repeated items (and -1) to the end, as -1 / -inf."""
+    beam_size = items.shape[1]
+    earlier = torch.ones(beam_size, beam_size, dtype=torch.bool, device=items.device).tril(-1)
+    repeated = ((items.unsqueeze(2) == items.unsqueeze(1)) & earlier).any(dim=2) | (items < 0)
+    order = torch.sort(repeated.to(torch.uint8), dim=1, stable=True).indices
+    dropped = repeated.gather(1, order)
+    return (items.gather(1, order).masked_fill(dropped, -1),
+            scores.gather(1, order).masked_fill(dropped, float("-inf")))

@@ -1,0 +1,4 @@
+"""Drop-in modules."""
+from .jsa import JourneySparseAttention
+
+__all__ = ["JourneySparseAttention"]

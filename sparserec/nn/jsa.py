@@ -1,0 +1,129 @@
+"""JourneySparseAttention: a drop-in self-attention module built on `sparserec.ops`."""
+import math
+
+import torch
+from torch import nn
+
+from ..config import JSAConfig
+from ..flops import jsa_flops
+from ..ops import jsa_attention, jsa_compress
+from ..reference.jsa import compress_block_index
+
+COMPRESS_MODES = ("mlp", "linear")
+
+
+class MLPCompressor(nn.Module):
+    """NSA's φ per kv head: the flattened block plus `pe` through Linear(l·D→D), GELU, Linear(D→D)."""
+
+    def __init__(self, kv_heads: int, block: int, head_dim: int):
+        super().__init__()
+        self.pe = nn.Parameter(torch.zeros(kv_heads, block, head_dim))
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(block * head_dim, head_dim), nn.GELU(), nn.Linear(head_dim, head_dim))
+            for _ in range(kv_heads)
+        )
+
+    def forward(self, x, cu_seqlens, block: int, stride: int):
+        index, cu_cmp = compress_block_index(cu_seqlens, block, stride)
+        blocks = (x[index] + self.pe.transpose(0, 1)).permute(2, 0, 1, 3)  # (Hkv, Tc, block, D)
+        out = torch.stack([mlp(b.flatten(1)) for mlp, b in zip(self.heads, blocks)], dim=1)
+        return out, cu_cmp
+
+
+class LinearCompressor(nn.Module):
+    """The kernel path: `jsa_compress`, a learned linear map of each flattened block."""
+
+    def __init__(self, kv_heads: int, block: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(kv_heads, block, head_dim, head_dim) / math.sqrt(block * head_dim))
+        self.pe = nn.Parameter(torch.zeros(kv_heads, block, head_dim))
+
+    def forward(self, x, cu_seqlens, block: int, stride: int, backend: str = "auto"):
+        return jsa_compress(x, self.weight, self.pe, cu_seqlens, block, stride, backend=backend)
+
+
+class JourneySparseAttention(nn.Module):
+    """Self-attention with Journey-aware Sparse Attention (SPEC §1).
+
+    Packed input: forward(x (T_total, E), cu_seqlens=(B+1,), anchor_mask=(T_total,) bool).
+    Padded input: forward(x (B, T, E), key_padding_mask=(B, T) bool, True = padding, as in
+    nn.MultiheadAttention; anchor_mask=(B, T) bool). Padding tokens are dropped before attention
+    (positions count real tokens only) and come back as zeros. No anchors when anchor_mask is None.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads=None, config: JSAConfig = JSAConfig(),
+                 backend: str = "auto", compress: str = "mlp", bias: bool = True):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if compress not in COMPRESS_MODES:
+            raise ValueError(f"compress must be one of {COMPRESS_MODES}, got {compress!r}")
+        if not isinstance(config, JSAConfig):
+            raise TypeError(f"config must be a JSAConfig, got {type(config).__name__}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.config, self.backend, self.compress = config, backend, compress
+        kv_dim = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias)
+        self.gate_proj = nn.Linear(embed_dim, num_heads * 4)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        compressor = MLPCompressor if compress == "mlp" else LinearCompressor
+        self.k_compress = compressor(num_kv_heads, config.block, self.head_dim)
+        self.v_compress = compressor(num_kv_heads, config.block, self.head_dim)
+
+    def forward(self, x, cu_seqlens=None, anchor_mask=None, key_padding_mask=None):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 3:
+            return self._forward_padded(x, key_padding_mask, anchor_mask)
+        if x.dim() != 2 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be (T_total, {self.embed_dim}) packed or (B, T, {self.embed_dim}) padded, "
+                             f"got {tuple(x.shape)}")
+        if cu_seqlens is None:
+            raise ValueError("packed input (T_total, E) needs cu_seqlens")
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask applies to padded (B, T, E) input only")
+        return self._forward_packed(x, cu_seqlens, anchor_mask)
+
+    def _forward_packed(self, x, cu_seqlens, anchor_mask):
+        total = x.shape[0]
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(total, heads, dim)
+        k = self.k_proj(x).view(total, kv_heads, dim)
+        v = self.v_proj(x).view(total, kv_heads, dim)
+        gates = torch.sigmoid(self.gate_proj(x)).view(total, heads, 4)
+        extra = {"backend": self.backend} if self.compress == "linear" else {}
+        k_cmp, cu_cmp = self.k_compress(k, cu_seqlens, self.config.block, self.config.stride, **extra)
+        v_cmp, _ = self.v_compress(v, cu_seqlens, self.config.block, self.config.stride, **extra)
+        if anchor_mask is None:
+            anchor_mask = torch.zeros(total, dtype=torch.bool, device=x.device)
+        out = jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp,
+                            config=self.config, backend=self.backend)
+        return self.out_proj(out.reshape(total, heads * dim))
+
+    def _forward_padded(self, x, key_padding_mask, anchor_mask):
+        batch, length, embed = x.shape
+        if embed != self.embed_dim:
+            raise ValueError(f"x must have embed_dim {self.embed_dim} in its last dimension, got {embed}")
+        for name, mask in (("key_padding_mask", key_padding_mask), ("anchor_mask", anchor_mask)):
+            if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (batch, length)):
+                raise ValueError(f"{name} must be a bool tensor of shape {(batch, length)}, "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
+        valid = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        if key_padding_mask is not None:
+            valid = ~key_padding_mask
+        cu_seqlens = torch.zeros(batch + 1, dtype=torch.int64, device=x.device)
+        cu_seqlens[1:] = valid.sum(1).cumsum(0)
+        packed_anchors = anchor_mask[valid] if anchor_mask is not None else None
+        out = self._forward_packed(x[valid], cu_seqlens, packed_anchors)
+        return x.new_zeros(batch, length, embed).masked_scatter(valid[..., None], out)
+
+    def flops(self, lengths, anchor_mask=None, selection=None):
+        """Useful and dense FLOPs of the attention core (see `sparserec.flops.jsa_flops`)."""
+        return jsa_flops(lengths, self.config, self.num_heads, self.head_dim, self.num_kv_heads,
+                         anchor_mask=anchor_mask, selection=selection)

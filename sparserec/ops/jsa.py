@@ -1,0 +1,26 @@
+"""Public JSA functionals (SPEC §2): validate, pick a backend, run it."""
+from ..config import JSAConfig
+from . import validate
+from .dispatch import resolve
+
+
+def jsa_compress(x, weight, pe, cu_seqlens, block: int, stride: int, backend: str = "auto"):
+    """Compress keys (or values) into one vector per block: (Tc_total, Hkv, D), cu_cmp.
+
+    x (T_total, Hkv, D); weight (Hkv, block, D, D); pe (Hkv, block, D); cu_seqlens (B+1,).
+    Block i of a sequence covers its tokens [i*stride, i*stride + block); only full blocks exist.
+    """
+    validate.check_jsa_compress(x, weight, pe, cu_seqlens, block, stride)
+    return resolve(backend, x.device, x.dtype).compress(x, weight, pe, cu_seqlens, block, stride)
+
+
+def jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp,
+                  config: JSAConfig = JSAConfig(), backend: str = "auto"):
+    """Journey-aware sparse attention (SPEC §1) over a packed jagged batch -> (T_total, H, D).
+
+    q (T_total, H, D); k, v (T_total, Hkv, D); k_cmp, v_cmp, cu_cmp from `jsa_compress`;
+    gates (T_total, H, 4) in [0, 1] ordered (cmp, slc, jrn, win); anchor_mask (T_total,) bool.
+    """
+    validate.check_jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config)
+    return resolve(backend, q.device, q.dtype).attention(
+        q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config=config)
