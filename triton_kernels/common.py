@@ -1,0 +1,135 @@
+"""Shared pieces of the JSA Triton kernels: jagged work lists built on the device, launch configs.
+
+Helpers here (import what you need; none of them synchronises with the host, so every kernel
+launch stays capturable in a CUDA graph and traceable by torch.compile):
+
+  interpreting()                      True under TRITON_INTERPRET=1 (kernels run on CPU tensors)
+  cdiv(a, b), next_power_of_2(n)      integer helpers for grid and block sizes
+  max_tiles(total, num_seqs, block)   upper bound on sum_b ceil(len_b / block): total // block + B
+  enumerate_jagged(counts, num_items)
+                                      (item_seq, item_index) int32: sequence b owns counts[b]
+                                      consecutive items; item_seq == -1 past the last one
+  jagged_tiles(cu_seqlens, block, num_tiles)
+                                      (tile_seq, tile_start) int32 (num_tiles,): program p works on
+                                      tokens [tile_start, tile_start + block) of sequence tile_seq
+                                      (sequence-local); tile_seq == -1 marks a spare program
+  anchor_index(anchor_mask, cu_seqlens)
+                                      (anchor_pos int32 (T_total,), cu_anchor int32 (B+1,)):
+                                      the anchors of sequence b are the global token indices
+                                      anchor_pos[cu_anchor[b]:cu_anchor[b+1]], ascending
+  dot_precision(dtype)                "ieee" for fp32/fp64 (tl.dot would round fp32 to tf32), else "tf32"
+  launch_configs(configs)             an autotune list; only its first entry under the interpreter
+  POISON_ALLOCATIONS, empty(shape, dtype, device)
+                                      outputs a kernel must write in full: NaN-filled when a test
+                                      sets POISON_ALLOCATIONS = True, else torch.empty
+  tile_bounds(tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, pid)   (@triton.jit)
+                                      -> (seq, bos, length, start) of a program's tile; seq < 0: spare
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+# Tests set this so that every float output allocated through `empty` starts as NaN: a row a
+# kernel forgets to write cannot pass as a plausible value.
+POISON_ALLOCATIONS = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _squeeze_interpreter_index():
+    """Triton 3.6's interpreter turns a scalar into int() of a 1-element array, which numpy >= 2.4
+    rejects, so `range(program-dependent bound)` fails (triton-lang/triton#9171, fixed upstream in
+    #9172): squeeze first."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "squeezes_index", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreting():
+    _squeeze_interpreter_index()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+def max_tiles(total: int, num_seqs: int, block: int) -> int:
+    """sum_b ceil(len_b / block) <= total // block + num_seqs, known from shapes alone."""
+    return max(1, total // block + num_seqs)
+
+
+def enumerate_jagged(counts: torch.Tensor, num_items: int):
+    """(item_seq, item_index) int32 (num_items,): item p is the item_index-th of sequence item_seq
+    when sequence b owns counts[b] consecutive items; items past the last get item_seq = -1."""
+    ends = torch.cumsum(counts, 0)
+    item = torch.arange(num_items, device=counts.device, dtype=ends.dtype)
+    seq = torch.searchsorted(ends, item, right=True)
+    valid = seq < counts.numel()
+    seq = torch.clamp(seq, max=counts.numel() - 1)
+    index = item - (ends[seq] - counts[seq])
+    return torch.where(valid, seq, -1).to(torch.int32), torch.where(valid, index, 0).to(torch.int32)
+
+
+def jagged_tiles(cu_seqlens: torch.Tensor, block: int, num_tiles: int):
+    """Map programs to (sequence, local tile start) over a jagged batch, on the device.
+
+    Tiles never straddle sequences. Programs past the last tile get tile_seq = -1.
+    """
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    tile_seq, tile_index = enumerate_jagged((lengths + block - 1) // block, num_tiles)
+    return tile_seq, tile_index * block
+
+
+def anchor_index(anchor_mask: torch.Tensor, cu_seqlens: torch.Tensor):
+    """Compact anchor positions without a host sync: a cumsum ranks the anchors, a scatter packs them."""
+    total = anchor_mask.numel()
+    rank = torch.cumsum(anchor_mask.to(torch.int32), 0)
+    slot = torch.where(anchor_mask, rank - 1, total).long()
+    packed = torch.full((total + 1,), -1, dtype=torch.int32, device=anchor_mask.device)
+    packed.scatter_(0, slot, torch.arange(total, dtype=torch.int32, device=anchor_mask.device))
+    counts = torch.cat([rank.new_zeros(1), rank])
+    cu_anchor = counts[cu_seqlens.long()].to(torch.int32)
+    return packed[:total], cu_anchor
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    if POISON_ALLOCATIONS and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def launch_configs(configs):
+    """Autotune candidates; the interpreter would run each one, so it gets the first only."""
+    return configs[:1] if interpreting() else configs
+
+
+@triton.jit
+def tile_bounds(tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, pid):
+    seq = tl.load(tile_seq_ptr + pid)
+    start = tl.load(tile_start_ptr + pid)
+    safe = tl.maximum(seq, 0)
+    bos = tl.load(cu_seqlens_ptr + safe).to(tl.int32)
+    length = tl.load(cu_seqlens_ptr + safe + 1).to(tl.int32) - bos
+    return seq, bos, length, start

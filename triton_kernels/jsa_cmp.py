@@ -1,0 +1,404 @@
+"""JSA compressed attention (SPEC §1 cmp) and the top-N block selection it drives (slc).
+
+Forward: FlashAttention over each sequence's compressed keys/values, one program per (query tile,
+query head); causal: compressed block i is visible to query t iff i*stride + block - 1 <= t. A
+query that sees no block outputs 0 (its logsumexp is stored as +inf, as jsa_sparse does, so that
+exp(s - lse) is 0). Writes o_cmp and the natural-log logsumexp.
+
+Selection: one program per (aligned tile of select_q_block queries, kv head). It re-scores the
+tile against the compressed keys with the saved logsumexp, so p_cmp is never materialised (it
+would be T x H x T/stride), sums the probabilities over the tile's queries and the group's heads
+into selection-block importance (compressed block i counts for every selection block it
+overlaps), BLOCK_J selection blocks at a time, and keeps a running top-N in registers (ties go
+to the lower block, as in `sparserec.reference.jsa.select_blocks`). Importance is summed in
+fp32; the reference sums fp64, so blocks whose importance ties to within rounding may be ordered
+differently.
+
+Backward (gated: the op's output is g_cmp * o_cmp + ..., so dO_cmp = g_cmp * dout, fused here):
+dq per (query tile, head); dk_cmp, dv_cmp per (tile of compressed blocks, kv head), looping over
+the group's query heads so GQA needs no atomics. delta = rowsum(dO_cmp * o_cmp) comes in.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (cdiv, dot_precision, empty, jagged_tiles, launch_configs, max_tiles, next_power_of_2,
+                     tile_bounds)
+
+LOG2E = 1.4426950408889634
+# Query rows per program of the forward and dq kernels (fixed: the tile map is built before launch).
+BLOCK_M = 64
+# Compressed blocks per program of the dk/dv kernel.
+BLOCK_N_DKV = 64
+
+
+def _kv_configs():
+    return launch_configs([
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
+    ])
+
+
+@triton.jit
+def _visible_blocks(last_row, num_cmp, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr):
+    """Compressed blocks visible to a query at `last_row` (a prefix of the sequence's blocks)."""
+    if CAUSAL:
+        reach = tl.where(last_row >= CMP_BLOCK - 1, (last_row - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
+        return tl.minimum(reach, num_cmp)
+    else:
+        return num_cmp
+
+
+@triton.autotune(configs=_kv_configs(), key=["HEAD_DIM", "CAUSAL"])
+@triton.jit
+def _cmp_fwd(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lt, stride_lh,
+    GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    head = tl.program_id(1)
+    seq, bos, length, start = tile_bounds(tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, tl.program_id(0))
+    if seq < 0:
+        return
+    kv_head = head // GROUP
+    cmp_bos = tl.load(cu_cmp_ptr + seq).to(tl.int32)
+    num_cmp = tl.load(cu_cmp_ptr + seq + 1).to(tl.int32) - cmp_bos
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    tokens = (bos + rows).to(tl.int64)
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    num_visible = _visible_blocks(tl.minimum(start + BLOCK_M, length) - 1, num_cmp, CMP_BLOCK, CMP_STRIDE, CAUSAL)
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n0 in range(0, num_visible, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_visible
+        kv_offsets = (cmp_bos + cols).to(tl.int64)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        visible = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= rows[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        # Rows with nothing visible yet keep a finite reference point so no inf - inf appears.
+        anchor = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp2(scores - anchor[:, None])
+        alpha = tl.exp2(row_max - anchor)
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        row_max = new_max
+    has_key = row_sum > 0
+    out = acc / tl.where(has_key, row_sum, 1.0)[:, None]
+    lse = tl.where(has_key, (row_max + tl.log2(tl.where(has_key, row_sum, 1.0))) / LOG2E, float("inf"))
+    tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(lse_ptr + tokens * stride_lt + head * stride_lh, lse, mask=row_ok)
+
+
+@triton.jit
+def _cmp_select(
+    q_ptr, k_ptr, lse_ptr, sel_ptr, tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh, stride_st, stride_sh,
+    GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+    SELECT_Q_BLOCK: tl.constexpr, TOP_N: tl.constexpr, TOP_N_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq, bos, length, start = tile_bounds(tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, pid)
+    if seq < 0:
+        return
+    none: tl.constexpr = 1 << 30  # index of an empty slot; sorts after every block
+    cmp_bos = tl.load(cu_cmp_ptr + seq).to(tl.int32)
+    num_cmp = tl.load(cu_cmp_ptr + seq + 1).to(tl.int32) - cmp_bos
+    last = tl.minimum(start + SELECT_Q_BLOCK, length) - 1
+    num_sel = (length + SELECT_BLOCK - 1) // SELECT_BLOCK
+    if CAUSAL:
+        num_eligible = tl.minimum(num_sel, last // SELECT_BLOCK + 1)
+    else:
+        num_eligible = num_sel
+    num_visible = _visible_blocks(last, num_cmp, CMP_BLOCK, CMP_STRIDE, CAUSAL)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    slots = tl.arange(0, TOP_N_PAD)
+    best_score = tl.full((TOP_N_PAD,), -1.0, tl.float32)
+    best_index = tl.full((TOP_N_PAD,), none, tl.int32)
+
+    for j0 in range(0, num_eligible, BLOCK_J):
+        sel = j0 + tl.arange(0, BLOCK_J)
+        importance = tl.zeros((BLOCK_J,), tl.float32)
+        # Compressed blocks overlapping selection blocks [j0, j0 + BLOCK_J).
+        span_start = j0 * SELECT_BLOCK
+        i_lo = tl.where(span_start >= CMP_BLOCK, (span_start - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+        i_hi = tl.minimum(num_visible, (j0 + BLOCK_J) * (SELECT_BLOCK // CMP_STRIDE))
+        for i0 in range(i_lo, i_hi, BLOCK_N):
+            cols = i0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < i_hi
+            k = tl.load(k_ptr + (cmp_bos + cols).to(tl.int64)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            mass = tl.zeros((BLOCK_N,), tl.float32)
+            for g in range(GROUP):
+                head = kv_head * GROUP + g
+                for m0 in range(0, SELECT_Q_BLOCK, BLOCK_M):
+                    local = m0 + tl.arange(0, BLOCK_M)
+                    rows = start + local
+                    row_ok = (local < SELECT_Q_BLOCK) & (rows < length)
+                    tokens = (bos + rows).to(tl.int64)
+                    q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+                    lse = tl.load(lse_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0)
+                    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                    visible = row_ok[:, None] & col_ok[None, :]
+                    if CAUSAL:
+                        visible = visible & (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= rows[:, None])
+                    p = tl.where(visible, tl.exp2(scores - lse[:, None] * LOG2E), 0.0)
+                    mass += tl.sum(p, 0)
+            overlap = ((cols[:, None] * CMP_STRIDE < (sel[None, :] + 1) * SELECT_BLOCK)
+                       & (cols[:, None] * CMP_STRIDE + CMP_BLOCK > sel[None, :] * SELECT_BLOCK) & col_ok[:, None])
+            importance += tl.sum(tl.where(overlap, mass[:, None], 0.0), 0)
+        score = tl.where(sel < num_eligible, importance, -1.0)
+
+        # Merge this chunk into the running top-N. Earlier chunks hold lower block indices, so an
+        # equal score prefers the running list; within a list, the lower index.
+        new_score = tl.full((TOP_N_PAD,), -1.0, tl.float32)
+        new_index = tl.full((TOP_N_PAD,), none, tl.int32)
+        for n in tl.static_range(TOP_N):
+            best_max = tl.max(best_score, 0)
+            chunk_max = tl.max(score, 0)
+            best_arg = tl.min(tl.where(best_score == best_max, best_index, none), 0)
+            chunk_arg = tl.min(tl.where(score == chunk_max, sel, none), 0)
+            from_chunk = chunk_max > best_max
+            pick_score = tl.where(from_chunk, chunk_max, best_max)
+            pick_index = tl.where(from_chunk, chunk_arg, best_arg)
+            new_score = tl.where(slots == n, pick_score, new_score)
+            new_index = tl.where(slots == n, pick_index, new_index)
+            best_score = tl.where(from_chunk, best_score, tl.where(best_index == pick_index, -2.0, best_score))
+            score = tl.where(from_chunk, tl.where(sel == pick_index, -2.0, score), score)
+        best_score = new_score
+        best_index = new_index
+
+    chosen = tl.sort(tl.where(best_score >= 0, best_index, none))
+    chosen = tl.where(chosen == none, -1, chosen)
+    tl.store(sel_ptr + pid.to(tl.int64) * stride_st + kv_head * stride_sh + slots, chosen, mask=slots < TOP_N)
+
+
+@triton.autotune(configs=_kv_configs(), key=["HEAD_DIM", "CAUSAL"])
+@triton.jit
+def _cmp_bwd_dq(
+    q_ptr, k_ptr, v_ptr, dout_ptr, gate_ptr, lse_ptr, delta_ptr, dq_ptr,
+    tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr, qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh, stride_gt, stride_gh,
+    stride_lt, stride_lh, stride_dqt, stride_dqh,
+    GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    head = tl.program_id(1)
+    seq, bos, length, start = tile_bounds(tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, tl.program_id(0))
+    if seq < 0:
+        return
+    kv_head = head // GROUP
+    cmp_bos = tl.load(cu_cmp_ptr + seq).to(tl.int32)
+    num_cmp = tl.load(cu_cmp_ptr + seq + 1).to(tl.int32) - cmp_bos
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    tokens = (bos + rows).to(tl.int64)
+    mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=mask, other=0.0)
+    gate = tl.load(gate_ptr + tokens * stride_gt + head * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + tokens[:, None] * stride_dt + head * stride_dh + dims[None, :], mask=mask, other=0.0)
+    do = (dout.to(tl.float32) * gate[:, None]).to(dout.dtype)
+    lse = tl.load(lse_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0)
+    num_visible = _visible_blocks(tl.minimum(start + BLOCK_M, length) - 1, num_cmp, CMP_BLOCK, CMP_STRIDE, CAUSAL)
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n0 in range(0, num_visible, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_visible
+        kv_offsets = (cmp_bos + cols).to(tl.int64)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        visible = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= rows[:, None])
+        p = tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    tl.store(dq_ptr + tokens[:, None] * stride_dqt + head * stride_dqh + dims[None, :], dq * sm_scale, mask=mask)
+
+
+@triton.autotune(configs=launch_configs([
+    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2),
+]), key=["HEAD_DIM", "CAUSAL", "GROUP"])
+@triton.jit
+def _cmp_bwd_dkv(
+    q_ptr, k_ptr, v_ptr, dout_ptr, gate_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr, qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh, stride_gt, stride_gh, stride_lt, stride_lh,
+    GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    seq, cmp_bos, num_cmp, start = tile_bounds(tile_seq_ptr, tile_start_ptr, cu_cmp_ptr, tl.program_id(0))
+    if seq < 0:
+        return
+    bos = tl.load(cu_seqlens_ptr + seq).to(tl.int32)
+    length = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int32) - bos
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < num_cmp
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    kv_offsets = (cmp_bos + cols).to(tl.int64)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+    kv_mask = col_ok[:, None] & dim_ok[None, :]
+    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    if CAUSAL:
+        first_row = start * CMP_STRIDE + CMP_BLOCK - 1
+    else:
+        first_row = 0
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        for m0 in range(first_row, length, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < length
+            tokens = (bos + rows).to(tl.int64)
+            mask = row_ok[:, None] & dim_ok[None, :]
+            q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=mask, other=0.0)
+            gate = tl.load(gate_ptr + tokens * stride_gt + head * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + tokens[:, None] * stride_dt + head * stride_dh + dims[None, :], mask=mask, other=0.0)
+            do = (dout.to(tl.float32) * gate[:, None]).to(dout.dtype)
+            lse = tl.load(lse_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0) * LOG2E
+            delta = tl.load(delta_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0)
+            scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            visible = col_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[:, None] * CMP_STRIDE + CMP_BLOCK - 1 <= rows[None, :])
+            p_t = tl.where(visible, tl.exp2(scores_t - lse[None, :]), 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    tl.store(dk_ptr + kv_offsets, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + kv_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+def _meta(q, k_cmp, config):
+    _, heads, dim = q.shape
+    return dict(GROUP=heads // k_cmp.shape[1], CMP_BLOCK=config.block, CMP_STRIDE=config.stride,
+                CAUSAL=config.causal, HEAD_DIM=dim, BLOCK_D=max(16, next_power_of_2(dim)),
+                PRECISION=dot_precision(q.dtype))
+
+
+def cmp_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config):
+    """o_cmp (T_total, H, D) in q's dtype and its logsumexp (T_total, H) fp32 (+inf: nothing visible)."""
+    total, heads, dim = q.shape
+    q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
+    out = empty(q.shape, q.dtype, q.device)
+    lse = empty((total, heads), torch.float32, q.device)
+    if total == 0:
+        return out, lse
+    num_tiles = max_tiles(total, cu_seqlens.numel() - 1, BLOCK_M)
+    tile_seq, tile_start = jagged_tiles(cu_seqlens, BLOCK_M, num_tiles)
+    _cmp_fwd[(num_tiles, heads)](
+        q, k_cmp, v_cmp, out, lse, tile_seq, tile_start, cu_seqlens, cu_cmp, LOG2E / math.sqrt(dim),
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0), lse.stride(1), BLOCK_M=BLOCK_M, **_meta(q, k_cmp, config),
+    )
+    return out, lse
+
+
+def token_tiles(cu_seqlens, block: int, total: int) -> torch.Tensor:
+    """Index (int64, (total,)) of each token's tile in `jagged_tiles(cu_seqlens, block, ...)`."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    tiles = (lengths + block - 1) // block
+    tiles_before = torch.cumsum(tiles, 0) - tiles
+    token = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    seq = torch.searchsorted(cu_seqlens[1:], token, right=True)
+    return tiles_before[seq] + (token - cu_seqlens[seq]) // block
+
+
+def cmp_select(q, k_cmp, lse, cu_seqlens, cu_cmp, config) -> torch.Tensor:
+    """Top-N selection blocks (T_total, Hkv, top_n) int32, ascending, -1 padded (SPEC §1 slc)."""
+    total, heads, dim = q.shape
+    kv_heads = k_cmp.shape[1]
+    q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    tile = config.select_q_block
+    num_tiles = max_tiles(total, cu_seqlens.numel() - 1, tile)
+    tile_seq, tile_start = jagged_tiles(cu_seqlens, tile, num_tiles)
+    per_tile = torch.empty(num_tiles, kv_heads, config.top_n, dtype=torch.int32, device=q.device)
+    if total == 0:
+        return per_tile[:0]
+    block_j = min(64, max(16, next_power_of_2(cdiv(2048, config.select_block))))
+    _cmp_select[(num_tiles, kv_heads)](
+        q, k_cmp, lse, per_tile, tile_seq, tile_start, cu_seqlens, cu_cmp, LOG2E / math.sqrt(dim),
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse.stride(0), lse.stride(1),
+        per_tile.stride(0), per_tile.stride(1),
+        SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=tile, TOP_N=config.top_n,
+        TOP_N_PAD=max(2, next_power_of_2(config.top_n)),
+        BLOCK_M=min(64, max(16, next_power_of_2(tile))), BLOCK_N=64, BLOCK_J=block_j,
+        **_meta(q, k_cmp, config),
+    )
+    return per_tile[token_tiles(cu_seqlens, tile, total)]
+
+
+def cmp_attention_bwd(dout, gate, q, k_cmp, v_cmp, o_cmp, lse, cu_seqlens, cu_cmp, config):
+    """Gradients of sum(dout * gate[..., None] * o_cmp): dq (fp32), dk_cmp, dv_cmp, dgate (fp32).
+
+    gate (T_total, H) may be a strided view (gates[..., 0]).
+    """
+    total, heads, dim = q.shape
+    kv_heads = k_cmp.shape[1]
+    dout, q, k_cmp, v_cmp, lse = dout.contiguous(), q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), lse.contiguous()
+    dgate = (dout.float() * o_cmp.float()).sum(-1)
+    delta = (gate.float() * dgate).contiguous()
+    dq = empty(q.shape, torch.float32, q.device)
+    dk_cmp, dv_cmp = empty(k_cmp.shape, k_cmp.dtype, q.device), empty(v_cmp.shape, v_cmp.dtype, q.device)
+    if total == 0:
+        return dq, dk_cmp, dv_cmp, dgate
+    qk_scale, sm_scale = LOG2E / math.sqrt(dim), 1.0 / math.sqrt(dim)
+    meta = _meta(q, k_cmp, config)
+    num_tiles = max_tiles(total, cu_seqlens.numel() - 1, BLOCK_M)
+    tile_seq, tile_start = jagged_tiles(cu_seqlens, BLOCK_M, num_tiles)
+    _cmp_bwd_dq[(num_tiles, heads)](
+        q, k_cmp, v_cmp, dout, gate, lse, delta, dq, tile_seq, tile_start, cu_seqlens, cu_cmp, qk_scale, sm_scale,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), dout.stride(0), dout.stride(1),
+        gate.stride(0), gate.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
+        BLOCK_M=BLOCK_M, **meta,
+    )
+    num_blocks = k_cmp.shape[0]
+    if num_blocks:
+        num_tiles = max_tiles(num_blocks, cu_cmp.numel() - 1, BLOCK_N_DKV)
+        tile_seq, tile_start = jagged_tiles(cu_cmp, BLOCK_N_DKV, num_tiles)
+        _cmp_bwd_dkv[(num_tiles, kv_heads)](
+            q, k_cmp, v_cmp, dout, gate, lse, delta, dk_cmp, dv_cmp, tile_seq, tile_start, cu_seqlens, cu_cmp,
+            qk_scale, sm_scale,
+            q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), dout.stride(0), dout.stride(1),
+            gate.stride(0), gate.stride(1), lse.stride(0), lse.stride(1),
+            BLOCK_N=BLOCK_N_DKV, **meta,
+        )
+    return dq, dk_cmp, dv_cmp, dgate

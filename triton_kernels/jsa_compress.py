@@ -1,0 +1,202 @@
+"""JSA block compression (SPEC §1 cmp), forward and backward, over packed jagged batches.
+
+Compressed block i of a sequence covers its tokens [i*stride, i*stride + block); only full blocks
+exist. Per kv head h:  out[i] = sum_r (x[i*stride + r] + pe[h, r]) @ W[h, r]  — a GEMM of the
+gathered, flattened blocks (Tc, block*D) against W (block*D, D), which the forward kernel runs as
+`block` accumulated (BLOCK_C, D) x (D, D) dots without materialising the gathered blocks.
+
+Backward:
+  dW[h, r]  = sum_i (x[i*stride + r] + pe[h, r])^T @ dout[i]   (split over blocks, summed after)
+  dpe[h, r] = W[h, r] @ sum_i dout[i]                          (tiny; PyTorch)
+  dx[t]     = sum over the blocks i covering t of dout[i] @ W[h, t - i*stride]^T.
+The dx kernel walks "stride rows": row m of a sequence is its tokens [m*stride, (m+1)*stride), and
+program axis 2 picks the offset rho within the row, so every dot uses one W[h, rho + j*stride] for
+all rows of the tile (j = 0 .. ceil(block/stride) - 1, block m - j). Tokens no full block covers
+get zero gradient.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import cdiv, dot_precision, empty, enumerate_jagged, launch_configs, next_power_of_2
+
+
+def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """Offsets of each sequence's compressed blocks, computed on the device (no host sync)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    counts = torch.where(lengths >= block, (lengths - block) // stride + 1, 0)
+    return torch.cat([cu_seqlens.new_zeros(1), torch.cumsum(counts, 0).to(cu_seqlens.dtype)])
+
+
+def block_starts(cu_seqlens, cu_cmp, num_blocks: int, stride: int) -> torch.Tensor:
+    """Global token index (int32, (num_blocks,)) of each compressed block's first token."""
+    seq, index = enumerate_jagged(cu_cmp[1:] - cu_cmp[:-1], num_blocks)
+    return (cu_seqlens[seq.long()] + index * stride).to(torch.int32)
+
+
+def _configs():
+    return launch_configs([
+        triton.Config({"BLOCK_C": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_C": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_C": 32}, num_warps=4, num_stages=2),
+    ])
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK"])
+@triton.jit
+def _compress_fwd(
+    x_ptr, w_ptr, pe_ptr, out_ptr, start_ptr, num_blocks,
+    stride_xt, stride_xh, stride_wh, stride_wr, stride_wd, stride_ph, stride_pr, stride_ot, stride_oh,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < num_blocks
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    start = tl.load(start_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    for r in range(BLOCK):
+        x = tl.load(x_ptr + (start + r)[:, None] * stride_xt + head * stride_xh + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        pe = tl.load(pe_ptr + head * stride_ph + r * stride_pr + dims, mask=dim_ok, other=0.0)
+        w = tl.load(w_ptr + head * stride_wh + r * stride_wr + dims[:, None] * stride_wd + dims[None, :],
+                    mask=dim_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc = tl.dot((x + pe[None, :]).to(w.dtype), w, acc, input_precision=PRECISION)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK"])
+@triton.jit
+def _compress_bwd_dw(
+    x_ptr, pe_ptr, dout_ptr, dw_ptr, start_ptr, num_blocks, blocks_per_split,
+    stride_xt, stride_xh, stride_ph, stride_pr, stride_gt, stride_gh,
+    stride_ws, stride_wh, stride_wr, stride_wd,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    pe = tl.load(pe_ptr + head * stride_ph + r * stride_pr + dims, mask=dim_ok, other=0.0)
+    acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    lo = split * blocks_per_split
+    for c0 in range(lo, lo + blocks_per_split, BLOCK_C):
+        rows = c0 + tl.arange(0, BLOCK_C)
+        row_ok = (rows < lo + blocks_per_split) & (rows < num_blocks)
+        start = tl.load(start_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        mask = row_ok[:, None] & dim_ok[None, :]
+        x = tl.load(x_ptr + (start + r)[:, None] * stride_xt + head * stride_xh + dims[None, :], mask=mask, other=0.0)
+        x = tl.where(mask, x + pe[None, :], 0.0).to(x_ptr.dtype.element_ty)
+        g = tl.load(dout_ptr + rows.to(tl.int64)[:, None] * stride_gt + head * stride_gh + dims[None, :],
+                    mask=mask, other=0.0)
+        acc = tl.dot(tl.trans(x), g, acc, input_precision=PRECISION)
+    tl.store(dw_ptr + split * stride_ws + head * stride_wh + r * stride_wr + dims[:, None] * stride_wd + dims[None, :],
+             acc, mask=dim_ok[:, None] & dim_ok[None, :])
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "STRIDE"])
+@triton.jit
+def _compress_bwd_dx(
+    dout_ptr, w_ptr, dx_ptr, row_seq_ptr, row_index_ptr, cu_seqlens_ptr, cu_cmp_ptr, num_rows,
+    stride_gt, stride_gh, stride_wh, stride_wr, stride_wd, stride_xt, stride_xh,
+    BLOCK: tl.constexpr, STRIDE: tl.constexpr, NUM_SHIFTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    rho = tl.program_id(2)
+    rows = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    seq = tl.load(row_seq_ptr + rows, mask=rows < num_rows, other=-1)
+    m = tl.load(row_index_ptr + rows, mask=rows < num_rows, other=0)
+    seq_ok = seq >= 0
+    safe = tl.maximum(seq, 0)
+    bos = tl.load(cu_seqlens_ptr + safe, mask=seq_ok, other=0).to(tl.int64)
+    cmp_bos = tl.load(cu_cmp_ptr + safe, mask=seq_ok, other=0).to(tl.int32)
+    num_cmp = tl.load(cu_cmp_ptr + safe + 1, mask=seq_ok, other=0).to(tl.int32) - cmp_bos
+    pos = m * STRIDE + rho
+    # Covered tokens: those inside the last full block of their sequence.
+    row_ok = seq_ok & (pos < (num_cmp - 1) * STRIDE + BLOCK)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(NUM_SHIFTS):
+        offset = rho + j * STRIDE
+        if offset < BLOCK:
+            block = m - j
+            ok = row_ok & (block >= 0) & (block < num_cmp)
+            g = tl.load(dout_ptr + (cmp_bos + block).to(tl.int64)[:, None] * stride_gt + head * stride_gh + dims[None, :],
+                        mask=ok[:, None] & dim_ok[None, :], other=0.0)
+            # W[h, offset] transposed: element (e, d) = W[h, offset, d, e].
+            w_t = tl.load(w_ptr + head * stride_wh + offset * stride_wr + dims[None, :] * stride_wd + dims[:, None],
+                          mask=dim_ok[:, None] & dim_ok[None, :], other=0.0)
+            acc = tl.dot(g, w_t, acc, input_precision=PRECISION)
+    tl.store(dx_ptr + (bos + pos)[:, None] * stride_xt + head * stride_xh + dims[None, :],
+             acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def compress_fwd(x, weight, pe, cu_seqlens, cu_cmp, num_blocks: int, block: int, stride: int):
+    """(Tc_total = num_blocks, Hkv, D) compressed keys or values."""
+    _, kv_heads, dim = x.shape
+    x, weight, pe = x.contiguous(), weight.contiguous(), pe.contiguous()
+    out = empty((num_blocks, kv_heads, dim), x.dtype, x.device)
+    if num_blocks == 0:
+        return out
+    starts = block_starts(cu_seqlens, cu_cmp, num_blocks, stride)
+    grid = lambda meta: (cdiv(num_blocks, meta["BLOCK_C"]), kv_heads)  # noqa: E731
+    _compress_fwd[grid](
+        x, weight, pe, out, starts, num_blocks,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
+        pe.stride(0), pe.stride(1), out.stride(0), out.stride(1),
+        BLOCK=block, HEAD_DIM=dim, BLOCK_D=max(16, next_power_of_2(dim)), PRECISION=dot_precision(x.dtype),
+    )
+    return out
+
+
+def _dw_splits(num_blocks: int, programs: int) -> int:
+    """Split the block reduction of dW so that about 512 programs run, at >= 128 blocks each."""
+    return max(1, min(cdiv(num_blocks, 128), cdiv(512, programs)))
+
+
+def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: int):
+    """Gradients (dx, dweight, dpe) of `compress_fwd` given dout (Tc_total, Hkv, D)."""
+    total, kv_heads, dim = x.shape
+    num_blocks = dout.shape[0]
+    dout, x, weight, pe = dout.contiguous(), x.contiguous(), weight.contiguous(), pe.contiguous()
+    dx = torch.zeros_like(x)
+    if num_blocks == 0:
+        return dx, torch.zeros_like(weight), torch.zeros_like(pe)
+    block_d = max(16, next_power_of_2(dim))
+    precision = dot_precision(x.dtype)
+    starts = block_starts(cu_seqlens, cu_cmp, num_blocks, stride)
+
+    splits = _dw_splits(num_blocks, block * kv_heads)
+    per_split = cdiv(num_blocks, splits)
+    dw = torch.empty(splits, kv_heads, block, dim, dim, dtype=torch.float32, device=x.device)
+    _compress_bwd_dw[(block, kv_heads, splits)](
+        x, pe, dout, dw, starts, num_blocks, per_split,
+        x.stride(0), x.stride(1), pe.stride(0), pe.stride(1), dout.stride(0), dout.stride(1),
+        dw.stride(0), dw.stride(1), dw.stride(2), dw.stride(3),
+        HEAD_DIM=dim, BLOCK=block, BLOCK_D=block_d, PRECISION=precision,
+    )
+    dweight = dw.sum(0).to(weight.dtype)
+    dpe = torch.einsum("hrde,he->hrd", weight.float(), dout.float().sum(0)).to(pe.dtype)
+
+    shifts = cdiv(block, stride)
+    row_counts = torch.where(cu_cmp[1:] > cu_cmp[:-1], cu_cmp[1:] - cu_cmp[:-1] + shifts - 1, 0)
+    num_rows = num_blocks + (cu_seqlens.numel() - 1) * (shifts - 1)
+    row_seq, row_index = enumerate_jagged(row_counts, num_rows)
+    grid = lambda meta: (cdiv(num_rows, meta["BLOCK_C"]), kv_heads, stride)  # noqa: E731
+    _compress_bwd_dx[grid](
+        dout, weight, dx, row_seq, row_index, cu_seqlens, cu_cmp, num_rows,
+        dout.stride(0), dout.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
+        dx.stride(0), dx.stride(1),
+        BLOCK=block, STRIDE=stride, NUM_SHIFTS=shifts, HEAD_DIM=dim, BLOCK_D=block_d, PRECISION=precision,
+    )
+    return dx, dweight, dpe

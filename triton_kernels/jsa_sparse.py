@@ -1,0 +1,573 @@
+"""Fused slc + jrn + win attention with the gated sum (SPEC §1), forward and backward, in Triton.
+
+The three token-level JSA branches share one kernel: a program owns a tile of BLOCK_M queries of
+one query head and walks, one branch after the other, its tile's selected blocks (slc), the
+sequence's anchors (jrn, through a compact anchor list) and its window (win). Each branch runs
+its own online softmax; the gated sum g_slc*o_slc + g_jrn*o_jrn + g_win*o_win is written once.
+
+Interface (called by sparserec.ops.triton_backend):
+
+    out, lse, branches = sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens,
+                                              config, store_branches=False)
+    dq, dk, dv, dgates = sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask,
+                                              cu_seqlens, config, branches, lse)
+
+  q (T_total, H, D); k, v (T_total, Hkv, D) with H % Hkv == 0; gates (T_total, H, 4), of which
+  channels 1, 2, 3 = (slc, jrn, win) are used (channel 0, cmp, is not read); selection
+  (T_total, Hkv, top_n) integer: each token's selection tile's blocks, sequence-local, -1
+  padded, shared by the config.select_q_block tokens of an aligned tile; anchor_mask (T_total,)
+  bool; cu_seqlens (B+1,) integer offsets. Any strides; all on one device.
+  out (T_total, H, D) in q's dtype.
+  lse (3, H, T_total) fp32: per branch (slc, jrn, win) the natural-log logsumexp of the scaled
+  scores, +inf where a query sees no key in that branch (its output is 0).
+  branches (3, T_total, H, D) in q's dtype: o_slc, o_jrn, o_win, stored only when
+  store_branches=True (the backward reads them), else None.
+  dq, dk, dv like q, k, v; dgates (T_total, H, 3) in gates' dtype: d/d(g_slc, g_jrn, g_win).
+  Optional block_m / block_n override the tile sizes (tests use them to force many tiles).
+
+Backward, three kernels:
+  1. query-major (the forward's walk again): d(gate_b) = <dout, o_b>, delta_b = g_b * d(gate_b),
+     and dq;
+  2. anchor-major: the jrn part of dk/dv for chunks of a sequence's anchors, in fp32, compact
+     by anchor rank;
+  3. key-major over selection blocks: the slc and win parts of dk/dv, plus the jrn part of the
+     anchors among its keys, written once. The slc part needs, per selection block, the query
+     tiles that selected it: an inverse selection map built on the device by a sort.
+No T x T tensor, no atomics (dk/dv are deterministic), no host synchronisation: every grid is an
+upper bound computed from shapes alone and idle programs exit, so the launches are safe under
+CUDA graphs and torch.compile.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from sparserec.config import JSAConfig
+
+from .common import (anchor_index, dot_precision, enumerate_jagged, jagged_tiles, max_tiles,
+                     next_power_of_2, tile_bounds)
+
+# Tests set this to fill every floating-point output this module allocates with NaN before the
+# kernels run, so a row that a kernel forgets to write cannot pass as a plausible value.
+POISON_ALLOCATIONS = False
+
+NUM_BRANCHES = 3  # slc, jrn, win = gates channels 1, 2, 3
+_LOG2E = tl.constexpr(1.4426950408889634)
+_SLC, _JRN, _WIN = 0, 1, 2
+
+
+def _alloc(shape, dtype, device):
+    if POISON_ALLOCATIONS and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap dividing n, but at least 16 (tl.dot's smallest tile)."""
+    size = cap
+    while size > 16 and n % size:
+        size //= 2
+    return size
+
+
+def _block_sizes(config: JSAConfig, head_dim: int, block_m=None, block_n=None):
+    # Query tiles divide select_q_block when they can, so a tile reads one selection; key chunks
+    # divide select_block when they can, so a chunk lies in one selection block.
+    block_m = block_m or _pow2_divisor(config.select_q_block, 64)
+    block_n = block_n or _pow2_divisor(config.select_block, 64 if head_dim <= 64 else 32)
+    return block_m, block_n
+
+
+def _anchor_prefix(anchor_mask: torch.Tensor) -> torch.Tensor:
+    """(T_total+1,) int32: anchors before each token. Its value at a token is the anchor's rank
+    in common.anchor_index's list; the kernels need it per token (the causal cut of a tile's
+    anchors, and where an anchor's jrn gradient lies), not only per sequence."""
+    prefix = torch.zeros(anchor_mask.shape[0] + 1, dtype=torch.int32, device=anchor_mask.device)
+    prefix[1:] = torch.cumsum(anchor_mask.to(torch.int32), 0)
+    return prefix
+
+
+def _inverse_selection(selection, cu_seqlens, config: JSAConfig, num_blocks: int):
+    """Which selection tiles chose each (selection block, kv head), as CSR, on the device.
+
+    Blocks are numbered sequence by sequence, as jagged_tiles(cu_seqlens, select_block, .) does.
+    Block b, kv head g: entries offsets[b*Hkv + g] : offsets[b*Hkv + g + 1] of tile_starts,
+    the sequence-local first tokens of the selecting tiles, ascending.
+    """
+    total, kv_heads, _ = selection.shape
+    device = selection.device
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    num_tiles = max_tiles(total, lengths.shape[0], config.select_q_block)
+    tile_seq, tile_start = jagged_tiles(cu_seqlens, config.select_q_block, num_tiles)
+    seq = tile_seq.clamp(min=0).long()
+    token = (cu_seqlens[seq].long() + tile_start.long()).clamp(max=total - 1)
+    picked = selection[token].long()  # (tiles, Hkv, top_n)
+    blocks = (lengths + config.select_block - 1) // config.select_block
+    first_block = torch.cumsum(blocks, 0) - blocks
+    chosen = (tile_seq >= 0)[:, None, None] & (picked >= 0) & (picked < blocks[seq][:, None, None])
+    heads = torch.arange(kv_heads, device=device)[None, :, None]
+    sentinel = num_blocks * kv_heads
+    key = torch.where(chosen, (first_block[seq][:, None, None] + picked) * kv_heads + heads, sentinel)
+    key = key.flatten()
+    order = torch.sort(key, stable=True).indices
+    tile_starts = tile_start[:, None, None].expand(picked.shape).flatten()[order].contiguous()
+    counts = torch.zeros(sentinel + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    offsets = torch.zeros(sentinel + 1, dtype=torch.int32, device=device)
+    offsets[1:] = torch.cumsum(counts[:-1], 0)
+    return tile_starts, offsets
+
+
+# ----------------------------------------------------------------------------------------------
+# Query-major walk: the forward, and dq in the backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(base, rows, row_ok, stride_t, offs_d, d_ok, stride_d):
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_t + offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _query_step(acc, m_i, l_i, q, do, lse2, delta, gate, k, v, visible, qk_scale,
+                BACKWARD: tl.constexpr, PRECISION: tl.constexpr):
+    """One key chunk for a query tile. Forward: an online-softmax step (log2 units), state
+    (acc, m_i, l_i). Backward: acc is dq (unscaled), using the forward's lse and delta."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if BACKWARD:
+        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * gate[:, None]
+        ds = p * (dp - delta[:, None])
+        acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    else:
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList, AnchorPrefix,
+                 stride_kt, stride_kd, stride_vt, stride_vd, stride_st, stride_sn,
+                 seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, qk_scale,
+                 BRANCH: tl.constexpr, BACKWARD: tl.constexpr, CAUSAL: tl.constexpr,
+                 TOP_N: tl.constexpr, SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr,
+                 WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Visit every key chunk a query tile sees in one branch (K, V, Sel at its kv head)."""
+    if BRANCH == 0:  # slc: the selected blocks of each selection tile the query tile overlaps
+        for sel_tile in range(tile_start // SELECT_Q_BLOCK, tile_last // SELECT_Q_BLOCK + 1):
+            sel_row = seq_start + tl.maximum(sel_tile * SELECT_Q_BLOCK, tile_start)
+            in_tile = row_ok & (rows // SELECT_Q_BLOCK == sel_tile)
+            for slot in range(TOP_N):
+                block = tl.load(Sel + sel_row.to(tl.int64) * stride_st + slot * stride_sn).to(tl.int32)
+                lo = block * SELECT_BLOCK
+                hi = tl.minimum(lo + SELECT_BLOCK, length)
+                if CAUSAL:
+                    hi = tl.minimum(hi, tile_last + 1)
+                hi = tl.where(block >= 0, hi, lo)
+                for start in range(lo, hi, BLOCK_N):
+                    cols = start + tl.arange(0, BLOCK_N)
+                    col_ok = cols < hi
+                    k = _load_rows(K, seq_start + cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
+                    v = _load_rows(V, seq_start + cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
+                    visible = in_tile[:, None] & col_ok[None, :]
+                    if CAUSAL:
+                        visible = visible & (cols[None, :] <= rows[:, None])
+                    acc, m_i, l_i = _query_step(acc, m_i, l_i, q, do, lse2, delta, gate, k, v,
+                                                visible, qk_scale, BACKWARD, PRECISION)
+    elif BRANCH == 1:  # jrn: the sequence's anchors (causal: those up to the tile's last query)
+        first = tl.load(AnchorPrefix + seq_start)
+        if CAUSAL:
+            last = tl.load(AnchorPrefix + seq_start + tile_last + 1)
+        else:
+            last = tl.load(AnchorPrefix + seq_start + length)
+        for start in range(first, last, BLOCK_N):
+            index = start + tl.arange(0, BLOCK_N)
+            col_ok = index < last
+            token = tl.load(AnchorList + index, mask=col_ok, other=0)
+            k = _load_rows(K, token, col_ok, stride_kt, offs_d, d_ok, stride_kd)
+            v = _load_rows(V, token, col_ok, stride_vt, offs_d, d_ok, stride_vd)
+            visible = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                visible = visible & ((token - seq_start)[None, :] <= rows[:, None])
+            acc, m_i, l_i = _query_step(acc, m_i, l_i, q, do, lse2, delta, gate, k, v,
+                                        visible, qk_scale, BACKWARD, PRECISION)
+    else:  # win: t - w < s <= t (causal) or |t - s| < w
+        lo = tl.maximum(tile_start - WINDOW + 1, 0)
+        if CAUSAL:
+            hi = tile_last + 1
+        else:
+            hi = tl.minimum(tile_last + WINDOW, length)
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < hi
+            k = _load_rows(K, seq_start + cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
+            v = _load_rows(V, seq_start + cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
+            offset = rows[:, None] - cols[None, :]
+            visible = row_ok[:, None] & col_ok[None, :] & (offset < WINDOW)
+            if CAUSAL:
+                visible = visible & (offset >= 0)
+            else:
+                visible = visible & (offset > -WINDOW)
+            acc, m_i, l_i = _query_step(acc, m_i, l_i, q, do, lse2, delta, gate, k, v,
+                                        visible, qk_scale, BACKWARD, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _query_major_kernel(
+    Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens, TileSeq, TileStart,
+    Out, Lse, Branches, DO, Delta, DGates,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
+    stride_st, stride_sh, stride_sn, stride_ot, stride_oh, stride_od,
+    stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc,
+    total_tokens, num_heads, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, TOP_N: tl.constexpr,
+    SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
+    CAUSAL: tl.constexpr, BACKWARD: tl.constexpr, STORE_BRANCHES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Forward (Out = gated output, Lse, Branches) or, with BACKWARD, dq (Out), Delta, DGates.
+
+    Program (tile, query head); TileSeq/TileStart map tiles to sequences (-1: idle program).
+    """
+    h = tl.program_id(1)
+    seq, seq_start, length, tile_start = tile_bounds(TileSeq, TileStart, CuSeqlens,
+                                                     tl.program_id(0))
+    if seq < 0:
+        return
+    tile_last = tl.minimum(tile_start + BLOCK_M, length) - 1
+    rows = tile_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    rows_global = (seq_start + rows).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_head = h // GROUP
+    K += kv_head * stride_kh
+    V += kv_head * stride_vh
+    Sel += kv_head * stride_sh
+
+    q = _load_rows(Q + h * stride_qh, rows_global, row_ok, stride_qt, offs_d, d_ok, stride_qd)
+    if BACKWARD:
+        do = _load_rows(DO + h * stride_doh, rows_global, row_ok, stride_dot, offs_d, d_ok,
+                        stride_dod)
+    else:
+        do = q
+    total = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # gated output, or dq
+    for branch in tl.static_range(3):
+        stat = (branch * num_heads + h).to(tl.int64) * total_tokens + rows_global
+        gate = tl.load(G + rows_global * stride_gt + h * stride_gh + (1 + branch) * stride_gc,
+                       mask=row_ok, other=0.0).to(tl.float32)
+        # Tile-sized pointers and masks are formed where used: live across a walk they spill.
+        branch_rows = ((branch * total_tokens + rows_global) * num_heads + h) * HEAD_DIM
+        if BACKWARD:
+            o_branch = tl.load(Branches + branch_rows[:, None] + offs_d[None, :],
+                               mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            dgate = tl.sum(do.to(tl.float32) * o_branch, 1)
+            delta = gate * dgate
+            tl.store(DGates + rows_global * stride_dgt + h * stride_dgh + branch * stride_dgc,
+                     dgate.to(DGates.dtype.element_ty), mask=row_ok)
+            tl.store(Delta + stat, delta, mask=row_ok)
+            lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * _LOG2E
+            total, _, _ = _walk_branch(
+                total, lse2, lse2, q, do, lse2, delta, gate, K, V, Sel, AnchorList, AnchorPrefix,
+                stride_kt, stride_kd, stride_vt, stride_vd, stride_st, stride_sn,
+                seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, qk_scale,
+                branch, BACKWARD, CAUSAL, TOP_N, SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW, BLOCK_N,
+                PRECISION)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            acc, m_i, l_i = _walk_branch(
+                acc, m_i, l_i, q, do, m_i, l_i, gate, K, V, Sel, AnchorList, AnchorPrefix,
+                stride_kt, stride_kd, stride_vt, stride_vd, stride_st, stride_sn,
+                seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, qk_scale,
+                branch, BACKWARD, CAUSAL, TOP_N, SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW, BLOCK_N,
+                PRECISION)
+            seen = l_i > 0.0
+            l_safe = tl.where(seen, l_i, 1.0)
+            o_branch = acc / l_safe[:, None]
+            tl.store(Lse + stat, tl.where(seen, (m_i + tl.log2(l_safe)) / _LOG2E, float("inf")),
+                     mask=row_ok)
+            if STORE_BRANCHES:
+                tl.store(Branches + branch_rows[:, None] + offs_d[None, :],
+                         o_branch.to(Branches.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+            total += gate[:, None] * o_branch
+    if BACKWARD:
+        total *= sm_scale
+    out_ptrs = (Out + rows_global[:, None] * stride_ot + h * stride_oh
+                + offs_d[None, :] * stride_od)
+    tl.store(out_ptrs, total.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Key-major backward: dk, dv
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, rows, row_ok, h, branch,
+              offs_d, d_ok, stride_qt, stride_qd, stride_dot, stride_dod, stride_gt, stride_gc,
+              total_tokens, num_heads, qk_scale, PRECISION: tl.constexpr):
+    """dk, dv of a key chunk from one chunk of query rows (global `rows`) of head h
+    (Q, DO, G already at head h)."""
+    q = _load_rows(Q, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
+    do = _load_rows(DO, rows, row_ok, stride_dot, offs_d, d_ok, stride_dod)
+    stat = (branch * num_heads + h).to(tl.int64) * total_tokens + rows
+    lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
+    gate = tl.load(G + rows.to(tl.int64) * stride_gt + (1 + branch) * stride_gc,
+                   mask=row_ok, other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+    dv += tl.dot(tl.trans(p * gate[:, None]).to(do.dtype), do, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * gate[:, None]
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _anchor_dkdv_kernel(
+    Q, K, V, G, DO, Lse, Delta, AnchorList, AnchorPrefix, CuSeqlens, CuAnchor, ChunkSeq,
+    ChunkStart, DKAnchor, DVAnchor,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
+    stride_dot, stride_doh, stride_dod,
+    total_tokens, num_heads, num_kv_heads, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """jrn part of dk/dv for BLOCK_N consecutive anchors of a sequence and one kv head, stored
+    in fp32 by anchor rank: DKAnchor[rank, kv head]."""
+    g = tl.program_id(1)
+    seq, anchor_start, num_anchors, chunk_start = tile_bounds(ChunkSeq, ChunkStart, CuAnchor,
+                                                              tl.program_id(0))
+    if seq < 0:
+        return
+    seq_start = tl.load(CuSeqlens + seq).to(tl.int32)
+    length = tl.load(CuSeqlens + seq + 1).to(tl.int32) - seq_start
+    first = anchor_start + chunk_start
+    last = anchor_start + num_anchors
+    index = first + tl.arange(0, BLOCK_N)
+    col_ok = index < last
+    token = tl.load(AnchorList + index, mask=col_ok, other=0)
+    cols = token - seq_start
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k = _load_rows(K + g * stride_kh, token, col_ok, stride_kt, offs_d, d_ok, stride_kd)
+    v = _load_rows(V + g * stride_vh, token, col_ok, stride_vt, offs_d, d_ok, stride_vd)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if CAUSAL:
+        q_lo = tl.load(AnchorList + first) - seq_start  # anchors ascend: the chunk's earliest
+    else:
+        q_lo = 0
+    for head in range(GROUP):
+        h = g * GROUP + head
+        for start in range(q_lo, length, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < length
+            visible = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None])
+            dk, dv = _key_step(dk, dv, k, v, visible, Q + h * stride_qh, DO + h * stride_doh,
+                               Lse, Delta, G + h * stride_gh, seq_start + rows, row_ok, h, 1,
+                               offs_d, d_ok, stride_qt, stride_qd, stride_dot, stride_dod,
+                               stride_gt, stride_gc, total_tokens, num_heads, qk_scale, PRECISION)
+    ptrs = ((index.to(tl.int64) * num_kv_heads + g) * HEAD_DIM)[:, None] + offs_d[None, :]
+    mask = col_ok[:, None] & d_ok[None, :]
+    tl.store(DKAnchor + ptrs, dk * sm_scale, mask=mask)
+    tl.store(DVAnchor + ptrs, dv, mask=mask)
+
+
+@triton.jit
+def _local_dkdv_kernel(
+    Q, K, V, G, DO, Lse, Delta, AnchorPrefix, CuSeqlens, BlockSeq, BlockStart,
+    InvTiles, InvOffsets, DKAnchor, DVAnchor, DK, DV,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
+    stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvt, stride_dvh, stride_dvd,
+    total_tokens, num_heads, num_kv_heads, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+    SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+    CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dk, dv of BLOCK_N keys (chunk of a selection block) of one kv head: slc from the query
+    tiles that selected the block, win from the queries within the window, jrn read from
+    DKAnchor/DVAnchor for the anchors among the keys."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    block_id = pid // CHUNKS
+    seq, seq_start, length, block_start = tile_bounds(BlockSeq, BlockStart, CuSeqlens, block_id)
+    if seq < 0:
+        return
+    key_lo = block_start + (pid % CHUNKS) * BLOCK_N
+    key_hi = tl.minimum(tl.minimum(key_lo + BLOCK_N, length), block_start + SELECT_BLOCK)
+    if key_lo >= key_hi:
+        return
+    cols = key_lo + tl.arange(0, BLOCK_N)
+    col_ok = cols < key_hi
+    keys = (seq_start + cols).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k = _load_rows(K + g * stride_kh, keys, col_ok, stride_kt, offs_d, d_ok, stride_kd)
+    v = _load_rows(V + g * stride_vh, keys, col_ok, stride_vt, offs_d, d_ok, stride_vd)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    inv_first = tl.load(InvOffsets + block_id * num_kv_heads + g)
+    inv_last = tl.load(InvOffsets + block_id * num_kv_heads + g + 1)
+    if CAUSAL:
+        win_lo = key_lo
+    else:
+        win_lo = tl.maximum(key_lo - WINDOW + 1, 0)
+    win_hi = tl.minimum(key_hi - 1 + WINDOW, length)
+    for head in range(GROUP):
+        h = g * GROUP + head
+        Qh = Q + h * stride_qh
+        DOh = DO + h * stride_doh
+        Gh = G + h * stride_gh
+        for entry in range(inv_first, inv_last):  # slc
+            tile = tl.load(InvTiles + entry)
+            q_hi = tl.minimum(tile + SELECT_Q_BLOCK, length)
+            if CAUSAL:
+                q_lo = tl.maximum(tile, key_lo)
+            else:
+                q_lo = tile
+            for start in range(q_lo, q_hi, BLOCK_M):
+                rows = start + tl.arange(0, BLOCK_M)
+                row_ok = rows < q_hi
+                visible = row_ok[:, None] & col_ok[None, :]
+                if CAUSAL:
+                    visible = visible & (cols[None, :] <= rows[:, None])
+                dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse, Delta, Gh,
+                                   seq_start + rows, row_ok, h, 0, offs_d, d_ok,
+                                   stride_qt, stride_qd, stride_dot, stride_dod, stride_gt,
+                                   stride_gc, total_tokens, num_heads, qk_scale, PRECISION)
+        for start in range(win_lo, win_hi, BLOCK_M):  # win
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < win_hi
+            offset = rows[:, None] - cols[None, :]
+            visible = row_ok[:, None] & col_ok[None, :] & (offset < WINDOW)
+            if CAUSAL:
+                visible = visible & (offset >= 0)
+            else:
+                visible = visible & (offset > -WINDOW)
+            dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse, Delta, Gh,
+                               seq_start + rows, row_ok, h, 2, offs_d, d_ok,
+                               stride_qt, stride_qd, stride_dot, stride_dod, stride_gt,
+                               stride_gc, total_tokens, num_heads, qk_scale, PRECISION)
+    rank = tl.load(AnchorPrefix + keys, mask=col_ok, other=0)
+    is_anchor = col_ok & (tl.load(AnchorPrefix + keys + 1, mask=col_ok, other=0) > rank)
+    anchor_ptrs = ((rank.to(tl.int64) * num_kv_heads + g) * HEAD_DIM)[:, None] + offs_d[None, :]
+    anchor_mask = is_anchor[:, None] & d_ok[None, :]
+    dk = dk * sm_scale + tl.load(DKAnchor + anchor_ptrs, mask=anchor_mask, other=0.0)
+    dv += tl.load(DVAnchor + anchor_ptrs, mask=anchor_mask, other=0.0)
+    mask = col_ok[:, None] & d_ok[None, :]
+    tl.store(DK + keys[:, None] * stride_dkt + g * stride_dkh + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + keys[:, None] * stride_dvt + g * stride_dvh + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host wrappers
+# ----------------------------------------------------------------------------------------------
+
+
+def _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, lse, branches,
+                 dout, delta, dgates, block_m, block_n):
+    total, heads, dim = q.shape
+    backward = dout is not None
+    anchor_list, anchor_prefix = anchors
+    num_programs = max_tiles(total, cu_seqlens.shape[0] - 1, block_m)
+    tile_seq, tile_start = jagged_tiles(cu_seqlens, block_m, num_programs)
+    # The forward's unused pointers point at real tensors of the right dtype.
+    dout_ = dout if backward else q
+    dgates_ = dgates if backward else gates
+    _query_major_kernel[(num_programs, heads)](
+        q, k, v, gates, selection, anchor_list, anchor_prefix, cu_seqlens, tile_seq, tile_start,
+        out, lse, out if branches is None else branches, dout_, lse if delta is None else delta,
+        dgates_,
+        *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *selection.stride(),
+        *out.stride(), *dout_.stride(), *dgates_.stride(),
+        total, heads, _LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5,
+        GROUP=heads // k.shape[1], HEAD_DIM=dim, TOP_N=config.top_n,
+        SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
+        WINDOW=config.window, CAUSAL=config.causal, BACKWARD=backward,
+        STORE_BRANCHES=branches is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=next_power_of_2(dim), PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+    )
+
+
+def sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens, config: JSAConfig,
+                         store_branches: bool = False, block_m=None, block_n=None):
+    """Gated slc + jrn + win attention -> (out, lse, branches or None); see the module doc."""
+    total, heads, dim = q.shape
+    block_m, block_n = _block_sizes(config, dim, block_m, block_n)
+    out = _alloc(q.shape, q.dtype, q.device)
+    lse = _alloc((NUM_BRANCHES, heads, total), torch.float32, q.device)
+    branches = _alloc((NUM_BRANCHES, total, heads, dim), q.dtype, q.device) if store_branches else None
+    if total == 0:
+        return out, lse, branches
+    anchors = (anchor_index(anchor_mask, cu_seqlens)[0], _anchor_prefix(anchor_mask))
+    _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, lse, branches,
+                 None, None, None, block_m, block_n)
+    return out, lse, branches
+
+
+def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlens,
+                         config: JSAConfig, branches, lse, block_m=None, block_n=None):
+    """-> (dq, dk, dv, dgates (T_total, H, 3)); `branches` and `lse` come from the forward."""
+    total, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    batch = cu_seqlens.shape[0] - 1
+    block_m, block_n = _block_sizes(config, dim, block_m, block_n)
+    dq = _alloc(q.shape, q.dtype, q.device)
+    dk = _alloc(k.shape, k.dtype, k.device)
+    dv = _alloc(v.shape, v.dtype, v.device)
+    dgates = _alloc((total, heads, NUM_BRANCHES), gates.dtype, gates.device)
+    if total == 0:
+        return dq, dk, dv, dgates
+    anchor_list, cu_anchor = anchor_index(anchor_mask, cu_seqlens)
+    anchor_prefix = _anchor_prefix(anchor_mask)
+    delta = _alloc((NUM_BRANCHES, heads, total), torch.float32, q.device)
+    _query_major(q, k, v, gates, selection, (anchor_list, anchor_prefix), cu_seqlens, config,
+                 dq, lse, branches, dout, delta, dgates, block_m, block_n)
+
+    shared = dict(GROUP=heads // kv_heads, HEAD_DIM=dim, CAUSAL=config.causal, BLOCK_M=block_m,
+                  BLOCK_N=block_n, BLOCK_D=next_power_of_2(dim), PRECISION=dot_precision(q.dtype),
+                  num_warps=4, num_stages=2)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *gates.stride(), *dout.stride())
+    scalars = (total, heads, kv_heads, _LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5)
+
+    # jrn part of dk/dv, fp32, by anchor rank (rows past the anchor count stay unwritten).
+    dk_anchor = _alloc((total, kv_heads, dim), torch.float32, q.device)
+    dv_anchor = _alloc((total, kv_heads, dim), torch.float32, q.device)
+    num_chunks = max_tiles(total, batch, block_n)
+    chunk_seq, chunk_start = jagged_tiles(cu_anchor, block_n, num_chunks)
+    _anchor_dkdv_kernel[(num_chunks, kv_heads)](
+        q, k, v, gates, dout, lse, delta, anchor_list, anchor_prefix, cu_seqlens, cu_anchor,
+        chunk_seq, chunk_start, dk_anchor, dv_anchor, *strides, *scalars, **shared)
+
+    num_blocks = max_tiles(total, batch, config.select_block)
+    block_seq, block_start = jagged_tiles(cu_seqlens, config.select_block, num_blocks)
+    inv_tiles, inv_offsets = _inverse_selection(selection, cu_seqlens, config, num_blocks)
+    chunks = -(-config.select_block // block_n)
+    _local_dkdv_kernel[(num_blocks * chunks, kv_heads)](
+        q, k, v, gates, dout, lse, delta, anchor_prefix, cu_seqlens, block_seq, block_start,
+        inv_tiles, inv_offsets, dk_anchor, dv_anchor, dk, dv,
+        *strides, *dk.stride(), *dv.stride(), *scalars,
+        SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
+        WINDOW=config.window, CHUNKS=chunks, **shared)
+    return dq, dk, dv, dgates
