@@ -1,0 +1,290 @@
+"""GRACE: a T5-style encoder–decoder generative recommender with Journey-aware Sparse Attention.
+
+Encoder: packed user histories (`tokens` (T_total,), `cu_seqlens` (B+1,), `anchor_mask`
+(T_total,) bool, as `sparserec.tokenize` produces them) through pre-norm blocks whose
+self-attention is `JourneySparseAttention` (bidirectional) or, for the ablation, dense SDPA with
+the same packed interface. Decoder: dense causal self-attention plus cross-attention to the
+encoder output, with a KV cache for incremental decoding and beam search.
+
+Positions are learned absolute embeddings (RoPE would need access to q and k inside
+JourneySparseAttention). Encoder positions count back from each history's newest token
+(0 = newest), so left-truncated histories keep the positions of their recent tokens; decoder
+positions count from the start token. The token embedding is shared with the output head
+(T5: hidden states scaled by d_model^-0.5 before the tied projection).
+"""
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import JSAConfig
+from ..generate import Trie, beam_search
+from ..nn import JourneySparseAttention
+from ..reference.jsa import BRANCHES
+from .layers import Attention, FeedForward, PackedDenseSelfAttention, causal_mask, pad_packed
+
+ATTENTION_KINDS = ("jsa", "dense")
+# Sized for ~8 tokens per interaction: compress two interactions with a one-interaction stride,
+# select four-interaction blocks, and keep the last four interactions in the window.
+ENCODER_JSA = JSAConfig(block=16, stride=8, select_block=32, top_n=4, select_q_block=32, window=32)
+
+
+@dataclass(frozen=True)
+class GRACEConfig:
+    """Shape and options of a GRACE model.
+
+    num_kv_heads: grouped-query attention (None = num_heads). attention: "jsa" | "dense" encoder
+    self-attention. jsa / jsa_backend / jsa_compress: JourneySparseAttention's config (must be
+    bidirectional), backend and compression. disabled_branches: JSA branches ("cmp", "slc",
+    "jrn", "win") whose gate is fixed to 0 (ablations). max_positions: longest encoder history in
+    tokens; max_target_positions: longest decoder input. decoder_start_token_id: the token that
+    starts every decoder input (the vocabulary's BOS).
+    """
+
+    vocab_size: int
+    d_model: int = 128
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    d_ff: int = 512
+    activation: str = "gelu"
+    dropout: float = 0.1
+    attention: str = "jsa"
+    jsa: JSAConfig = ENCODER_JSA
+    jsa_backend: str = "auto"
+    jsa_compress: str = "mlp"
+    disabled_branches: tuple = ()
+    max_positions: int = 2048
+    max_target_positions: int = 32
+    decoder_start_token_id: int = 1
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        object.__setattr__(self, "disabled_branches", tuple(self.disabled_branches))
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if not isinstance(self.jsa, JSAConfig):
+            raise TypeError(f"jsa must be a JSAConfig, got {type(self.jsa).__name__}")
+        if self.jsa.causal:
+            raise ValueError("the GRACE encoder is bidirectional: jsa.causal must be False")
+        unknown = set(self.disabled_branches) - set(BRANCHES)
+        if unknown:
+            raise ValueError(f"disabled_branches must be among {BRANCHES}, got {sorted(unknown)}")
+        if self.disabled_branches and self.attention != "jsa":
+            raise ValueError("disabled_branches applies to attention='jsa' only")
+        if not 0 <= self.decoder_start_token_id < self.vocab_size:
+            raise ValueError(f"decoder_start_token_id ({self.decoder_start_token_id}) is outside the "
+                             f"vocabulary (size {self.vocab_size})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GRACEConfig":
+        return cls(**{**values, "jsa": JSAConfig(**values["jsa"])})
+
+
+class BranchMaskedGate(nn.Linear):
+    """JSA's gate projection with the logits of disabled branches pinned to -inf (sigmoid: exactly 0)."""
+
+    def __init__(self, gate_proj: nn.Linear, num_heads: int, disabled_branches: tuple):
+        super().__init__(gate_proj.in_features, gate_proj.out_features, bias=gate_proj.bias is not None)
+        self.load_state_dict(gate_proj.state_dict())
+        # Gate logits are laid out (heads, 4 branches), matching JourneySparseAttention's view.
+        disabled = torch.tensor([branch in disabled_branches for branch in BRANCHES]).repeat(num_heads)
+        self.register_buffer("disabled", disabled, persistent=False)
+
+    def forward(self, x):
+        return super().forward(x).masked_fill(self.disabled, float("-inf"))
+
+
+def encoder_self_attention(config: GRACEConfig) -> nn.Module:
+    if config.attention == "dense":
+        return PackedDenseSelfAttention(config.d_model, config.num_heads, config.num_kv_heads, config.dropout)
+    attention = JourneySparseAttention(config.d_model, config.num_heads, config.num_kv_heads, config=config.jsa,
+                                       backend=config.jsa_backend, compress=config.jsa_compress, bias=False)
+    if config.disabled_branches:
+        attention.gate_proj = BranchMaskedGate(attention.gate_proj, config.num_heads, config.disabled_branches)
+    return attention
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: GRACEConfig):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.self_attention = encoder_self_attention(config)
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.ffn = FeedForward(config.d_model, config.d_ff, config.activation, config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cu_seqlens, anchor_mask):
+        attended = self.self_attention(self.attention_norm(x), cu_seqlens=cu_seqlens, anchor_mask=anchor_mask)
+        x = x + self.dropout(attended)
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class Memory(NamedTuple):
+    """Encoder output, padded for cross-attention: states (B, S, d_model), valid (B, S) bool."""
+
+    states: torch.Tensor
+    valid: torch.Tensor
+
+
+class DecoderCache:
+    """Decoder state of B requests × `beams` rows (row = request * beams + beam).
+
+    cross[i]: layer i's cross-attention keys/values of the encoder memory, computed once, per
+    request (B, Hkv, S, D): beams of a request share them, so beam search never copies them.
+    self_kv[i]: layer i's self-attention keys/values so far, per row (B*beams, Hkv, t, D).
+    """
+
+    def __init__(self, cross: list, memory_valid: torch.Tensor, beams: int):
+        self.cross = cross
+        self.memory_mask = memory_valid[:, None, None, :]
+        self.batch_size, self.beams = memory_valid.shape[0], beams
+        self.self_kv = [None] * len(cross)
+
+    @property
+    def length(self) -> int:
+        """Decoder tokens consumed so far."""
+        return 0 if self.self_kv[0] is None else self.self_kv[0][0].shape[2]
+
+    def extend(self, layer: int, keys, values):
+        """Append a layer's new self-attention keys/values; return all of them."""
+        if self.self_kv[layer] is not None:
+            keys = torch.cat([self.self_kv[layer][0], keys], dim=2)
+            values = torch.cat([self.self_kv[layer][1], values], dim=2)
+        self.self_kv[layer] = (keys, values)
+        return keys, values
+
+    def reorder(self, parent_rows: torch.Tensor):
+        """Beam search: row r continues row parent_rows[r] (B*beams,), a row of the same request."""
+        if tuple(parent_rows.shape) != (self.batch_size * self.beams,):
+            raise ValueError(f"parent_rows must be ({self.batch_size * self.beams},), got {tuple(parent_rows.shape)}")
+        self.self_kv = [None if kv is None else (kv[0][parent_rows], kv[1][parent_rows]) for kv in self.self_kv]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GRACEConfig):
+        super().__init__()
+        heads, kv_heads = config.num_heads, config.num_kv_heads
+        self.self_attention_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.self_attention = Attention(config.d_model, heads, kv_heads, config.dropout)
+        self.cross_attention_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.cross_attention = Attention(config.d_model, heads, kv_heads, config.dropout)
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.ffn = FeedForward(config.d_model, config.d_ff, config.activation, config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache: DecoderCache, layer: int, self_mask):
+        h = self.self_attention_norm(x)
+        keys, values = cache.extend(layer, *self.self_attention.keys_values(h))
+        x = x + self.dropout(self.self_attention(h, keys, values, attn_mask=self_mask))
+        # Beams of a request attend to the same memory: fold them into its query dimension.
+        rows, length, width = x.shape
+        h = self.cross_attention_norm(x).reshape(cache.batch_size, cache.beams * length, width)
+        attended = self.cross_attention(h, *cache.cross[layer], attn_mask=cache.memory_mask)
+        x = x + self.dropout(attended.reshape(rows, length, width))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class GRACE(nn.Module):
+    def __init__(self, config: GRACEConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder_positions = nn.Embedding(config.max_positions, config.d_model)
+        self.decoder_positions = nn.Embedding(config.max_target_positions, config.d_model)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
+        self.encoder_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.decoder_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, tokens, cu_seqlens, anchor_mask, decoder_input_ids):
+        """Teacher forcing: logits (B, L, vocab) for decoder inputs (B, L) given packed histories."""
+        return self.decode(decoder_input_ids, self.new_cache(self.encode(tokens, cu_seqlens, anchor_mask)))
+
+    def encode(self, tokens, cu_seqlens, anchor_mask=None) -> Memory:
+        """Packed histories: tokens (T_total,) int64, cu_seqlens (B+1,), anchor_mask (T_total,) bool."""
+        if tokens.dim() != 1 or cu_seqlens.dim() != 1 or int(cu_seqlens[-1]) != tokens.shape[0]:
+            raise ValueError(f"tokens must be packed (T_total,) with cu_seqlens[-1] == T_total, got tokens "
+                             f"{tuple(tokens.shape)} and cu_seqlens[-1] = {int(cu_seqlens[-1])}")
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        if int(lengths.min()) < 1 or int(lengths.max()) > self.config.max_positions:
+            raise ValueError(f"history lengths must be in [1, max_positions={self.config.max_positions}], "
+                             f"got [{int(lengths.min())}, {int(lengths.max())}]")
+        newest = torch.repeat_interleave(cu_seqlens[1:] - 1, lengths)
+        positions = newest - torch.arange(tokens.shape[0], device=tokens.device)
+        x = self.dropout(self.embedding(tokens) + self.encoder_positions(positions))
+        for layer in self.encoder_layers:
+            x = layer(x, cu_seqlens, anchor_mask)
+        return Memory(*pad_packed(self.encoder_norm(x), cu_seqlens))
+
+    def new_cache(self, memory: Memory, beams: int = 1) -> DecoderCache:
+        """An empty decoder cache for `beams` rows per request of `memory`."""
+        cross = [layer.cross_attention.keys_values(memory.states) for layer in self.decoder_layers]
+        return DecoderCache(cross, memory.valid, beams)
+
+    def decode(self, decoder_input_ids, cache: DecoderCache):
+        """Feed the next L tokens of every row (B*beams, L), extending `cache`: logits (B*beams, L, vocab)."""
+        past, length = cache.length, decoder_input_ids.shape[1]
+        if past + length > self.config.max_target_positions:
+            raise ValueError(f"decoder input reaches position {past + length}, beyond max_target_positions "
+                             f"({self.config.max_target_positions})")
+        positions = torch.arange(past, past + length, device=decoder_input_ids.device)
+        x = self.dropout(self.embedding(decoder_input_ids) + self.decoder_positions(positions))
+        self_mask = causal_mask(length, past + length, x.device) if length > 1 else None
+        for index, layer in enumerate(self.decoder_layers):
+            x = layer(x, cache, index, self_mask)
+        return F.linear(self.decoder_norm(x) * self.config.d_model ** -0.5, self.embedding.weight)
+
+    def decode_step(self, token_ids, cache: DecoderCache):
+        """One token per row (B*beams,) -> next-token logits (B*beams, vocab)."""
+        return self.decode(token_ids[:, None], cache)[:, -1]
+
+    def make_step_fn(self, memory: Memory, beam_size: int, start_tokens=None):
+        """A `step_fn` for `sparserec.generate.beam_search` over B requests × beam_size beams.
+
+        The first call feeds the start token, then `start_tokens` (B, P) if given (e.g. the target
+        behavior token of target-behavior prediction), and returns the next token's log-probs;
+        later calls reorder the KV cache by the parent rows and feed each beam's chosen token.
+        """
+        cache = self.new_cache(memory, beam_size)
+        rows = cache.batch_size * beam_size
+
+        def step_fn(tokens, parent_rows):
+            if tokens is None:
+                tokens = torch.full((rows, 1), self.config.decoder_start_token_id, device=memory.states.device)
+                if start_tokens is not None:
+                    tokens = torch.cat([tokens, start_tokens.repeat_interleave(beam_size, dim=0)], dim=1)
+            else:
+                cache.reorder(parent_rows)
+            return torch.log_softmax(self.decode(tokens, cache)[:, -1].float(), dim=-1)
+
+        return step_fn
+
+
+@torch.no_grad()
+def recommend(model: GRACE, trie: Trie, tokens, cu_seqlens, anchor_mask, beam_size: int, start_tokens=None,
+              prefix_tokens=None):
+    """Top-beam_size items (B, K) and their log-probs for packed histories, by trie-constrained beam search.
+
+    start_tokens (B, P): given decoder tokens after the start token (target-behavior prediction).
+    prefix_tokens: candidate first tokens the model chooses among (behavior–item prediction);
+    see `beam_search`. Call with the model in eval mode.
+    """
+    step_fn = model.make_step_fn(model.encode(tokens, cu_seqlens, anchor_mask), beam_size, start_tokens)
+    return beam_search(step_fn, trie, len(cu_seqlens) - 1, beam_size, prefix_tokens=prefix_tokens)
+
+
+def shift_right(targets, start_token_id: int):
+    """Teacher-forcing decoder inputs: the start token, then targets (B, L) without their last token."""
+    start = targets.new_full((targets.shape[0], 1), start_token_id)
+    return torch.cat([start, targets[:, :-1]], dim=1)
+

@@ -1,0 +1,96 @@
+"""Pieces shared by the recommenders: feed-forward, SDPA attention, packed <-> padded, the loss."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+class FeedForward(nn.Module):
+    """T5's position-wise FFN: Linear(d→d_ff), activation, dropout, Linear(d_ff→d), no biases."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", dropout: float = 0.0):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.activation = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(self.dropout(self.activation(self.up(x))))
+
+
+class Attention(nn.Module):
+    """Grouped-query softmax attention on padded batches (torch SDPA), as self- or cross-attention.
+
+    Keys and values are projected separately (`keys_values`) so callers can cache them: the
+    decoder's self-attention cache and its once-per-request cross-attention memory.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = d_model // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, num_kv_heads * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def _split_heads(self, x, heads):  # (B, T, heads*D) -> (B, heads, T, D)
+        return x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
+
+    def keys_values(self, source):
+        """source (B, S, d_model) -> keys, values, each (B, Hkv, S, D)."""
+        return (self._split_heads(self.k_proj(source), self.num_kv_heads),
+                self._split_heads(self.v_proj(source), self.num_kv_heads))
+
+    def forward(self, x, keys, values, attn_mask=None):
+        """x (B, L, d_model) attends to keys/values (B, Hkv, S, D); attn_mask: bool, True = visible,
+        broadcastable to (B, H, L, S)."""
+        q = self._split_heads(self.q_proj(x), self.num_heads)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=True,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def causal_mask(num_queries: int, num_keys: int, device=None):
+    """(L, S) bool: the last L of S positions each see themselves and everything before."""
+    return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(num_keys - num_queries)
+
+
+def pad_packed(x, cu_seqlens):
+    """Packed (T_total, ...) -> padded (B, T_max, ...) with zeros, and valid (B, T_max) bool."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    valid = torch.arange(int(lengths.max()), device=x.device)[None, :] < lengths[:, None].to(x.device)
+    padded = x.new_zeros(*valid.shape, *x.shape[1:])
+    padded[valid] = x
+    return padded, valid
+
+
+class PackedDenseSelfAttention(nn.Module):
+    """Bidirectional dense self-attention with JourneySparseAttention's packed interface.
+
+    The dense ablation of the encoder: pads the jagged batch, runs SDPA with a key-padding mask,
+    packs the result back. `anchor_mask` is accepted and ignored (dense attention sees everything).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.attention = Attention(d_model, num_heads, num_kv_heads, dropout)
+
+    def forward(self, x, cu_seqlens, anchor_mask=None):
+        padded, valid = pad_packed(x, cu_seqlens)
+        keys, values = self.attention.keys_values(padded)
+        return self.attention(padded, keys, values, attn_mask=valid[:, None, None, :])[valid]
+
+
+def sequence_loss(logits, targets, ignore_index: int = -100):
+    """Mean token cross-entropy of logits (B, L, V) against targets (B, L); `ignore_index` skips a position."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)

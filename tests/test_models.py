@@ -1,0 +1,194 @@
+"""GRACE and SASRec: shapes, learning, KV-cache decoding, beam reordering, ablations."""
+import pytest
+import torch
+
+from sparserec import JSAConfig
+from sparserec.generate import Trie, beam_search
+from sparserec.models import GRACE, GRACEConfig, SASRec, SASRecConfig, recommend, sequence_loss, shift_right
+
+VOCAB = 24
+JSA = JSAConfig(block=4, stride=2, select_block=4, top_n=2, select_q_block=4, window=3)
+
+
+def tiny_grace(seed=0, dtype=torch.float64, **overrides):
+    torch.manual_seed(seed)
+    values = dict(vocab_size=VOCAB, d_model=32, num_heads=4, num_kv_heads=2, d_ff=64, dropout=0.0, jsa=JSA,
+                  jsa_backend="reference", encoder_layers=1, decoder_layers=2, max_positions=64,
+                  max_target_positions=8)
+    return GRACE(GRACEConfig(**{**values, **overrides})).to(dtype).eval()
+
+
+def random_histories(lengths, generator=None):
+    """Packed histories of random non-special tokens: tokens, cu_seqlens, anchor_mask (~1 in 4)."""
+    lengths = torch.as_tensor(lengths)
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    total = int(cu_seqlens[-1])
+    tokens = torch.randint(3, VOCAB, (total,), generator=generator)
+    return tokens, cu_seqlens, torch.rand(total, generator=generator) < 0.25
+
+
+@pytest.mark.parametrize("attention", ["jsa", "dense"])
+def test_forward_shapes(attention):
+    model = tiny_grace(attention=attention)
+    tokens, cu_seqlens, anchors = random_histories([11, 1, 17])
+    memory = model.encode(tokens, cu_seqlens, anchors)
+    assert memory.states.shape == (3, 17, 32) and memory.valid.sum(1).tolist() == [11, 1, 17]
+    logits = model(tokens, cu_seqlens, anchors, torch.randint(3, VOCAB, (3, 5)))
+    assert logits.shape == (3, 5, VOCAB) and logits.isfinite().all()
+
+
+def test_jsa_and_dense_differ_and_dense_ignores_anchors():
+    tokens, cu_seqlens, anchors = random_histories([11, 7])
+    decoder_input = torch.randint(3, VOCAB, (2, 4))
+    jsa, dense = tiny_grace(attention="jsa"), tiny_grace(attention="dense")
+    assert not torch.allclose(jsa(tokens, cu_seqlens, anchors, decoder_input),
+                              dense(tokens, cu_seqlens, anchors, decoder_input))
+    torch.testing.assert_close(dense(tokens, cu_seqlens, anchors, decoder_input),
+                               dense(tokens, cu_seqlens, ~anchors, decoder_input))
+
+
+def test_disabled_branches_change_outputs_and_keep_parameters():
+    tokens, cu_seqlens, anchors = random_histories([13, 9])
+    decoder_input = torch.randint(3, VOCAB, (2, 4))
+    full = tiny_grace()
+    ablated = tiny_grace(disabled_branches=("jrn",))
+    ablated.load_state_dict(full.state_dict())  # same parameter names: checkpoints load across ablations
+    assert not torch.allclose(full(tokens, cu_seqlens, anchors, decoder_input),
+                              ablated(tokens, cu_seqlens, anchors, decoder_input))
+
+
+def test_only_anchor_branch_without_anchors_mixes_no_tokens():
+    """With cmp, slc and win off and no anchors, the encoder attention outputs 0: a token's state
+    depends on itself alone."""
+    model = tiny_grace(disabled_branches=("cmp", "slc", "win"))
+    tokens, cu_seqlens, _ = random_histories([10])
+    no_anchors = torch.zeros_like(tokens, dtype=torch.bool)
+    changed = tokens.clone()
+    changed[0] = 3 if tokens[0] != 3 else 4
+    before = model.encode(tokens, cu_seqlens, no_anchors).states
+    after = model.encode(changed, cu_seqlens, no_anchors).states
+    torch.testing.assert_close(before[:, 1:], after[:, 1:], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 0], after[:, 0])
+
+
+def test_incremental_decoding_equals_teacher_forcing():
+    model = tiny_grace()
+    tokens, cu_seqlens, anchors = random_histories([12, 5, 9])
+    decoder_input = torch.randint(3, VOCAB, (3, 6))
+    full = model(tokens, cu_seqlens, anchors, decoder_input)
+    cache = model.new_cache(model.encode(tokens, cu_seqlens, anchors))
+    first_two = model.decode(decoder_input[:, :2], cache)  # a multi-token prefix, then one at a time
+    steps = [model.decode_step(decoder_input[:, t], cache) for t in range(2, 6)]
+    torch.testing.assert_close(torch.cat([first_two, torch.stack(steps, dim=1)], dim=1), full)
+
+
+def test_reorder_cache_follows_parent_rows():
+    model = tiny_grace()
+    batch, beams = 2, 3
+    tokens, cu_seqlens, anchors = random_histories([9, 14])
+    memory = model.encode(tokens, cu_seqlens, anchors)
+    history = torch.randint(3, VOCAB, (batch * beams, 3))
+    cache = model.new_cache(memory, beams)
+    model.decode(history, cache)
+    parent_rows = torch.tensor([2, 2, 0, 4, 3, 3])  # rows of the same request
+    cache.reorder(parent_rows)
+    next_tokens = torch.randint(3, VOCAB, (batch * beams,))
+    incremental = model.decode_step(next_tokens, cache)
+
+    reordered = torch.cat([history[parent_rows], next_tokens[:, None]], dim=1)
+    fresh = model.decode(reordered, model.new_cache(memory, beams))[:, -1]
+    torch.testing.assert_close(incremental, fresh)
+
+
+def test_beam_search_with_every_item_equals_exhaustive_scoring():
+    model = tiny_grace()
+    generator = torch.Generator().manual_seed(3)
+    paths = torch.unique(torch.randint(3, 7, (12, 3), generator=generator), dim=0)
+    trie = Trie(paths)
+    tokens, cu_seqlens, anchors = random_histories([10, 6], generator)
+    items, scores = recommend(model, trie, tokens, cu_seqlens, anchors, beam_size=len(paths))
+
+    num_items = len(paths)
+    all_paths = paths.repeat(2, 1)  # every item for each of the 2 requests
+    histories = (tokens, cu_seqlens, anchors)
+    memory = model.encode(*histories)
+    repeated = type(memory)(memory.states.repeat_interleave(num_items, 0), memory.valid.repeat_interleave(num_items, 0))
+    logits = model.decode(shift_right(all_paths, 1), model.new_cache(repeated))
+    exhaustive = logits.log_softmax(-1).gather(2, all_paths[:, :, None]).sum((1, 2)).view(2, num_items)
+    expected = exhaustive.sort(dim=1, descending=True)
+    torch.testing.assert_close(scores, expected.values.float())
+    assert torch.equal(items, expected.indices)
+
+
+def test_start_tokens_are_fed_before_generation():
+    model = tiny_grace()
+    tokens, cu_seqlens, anchors = random_histories([8])
+    behavior = torch.tensor([[5]])
+    step_fn = model.make_step_fn(model.encode(tokens, cu_seqlens, anchors), beam_size=2, start_tokens=behavior)
+    log_probs = step_fn(None, None)
+    expected = model(tokens, cu_seqlens, anchors, torch.tensor([[1, 5]]))[:, -1].float().log_softmax(-1)
+    torch.testing.assert_close(log_probs, expected.expand(2, -1))
+    step_fn = model.make_step_fn(model.encode(tokens, cu_seqlens, anchors), beam_size=2, start_tokens=behavior)
+    items, _ = beam_search(step_fn, Trie(torch.tensor([[3, 4], [4, 3]])), 1, 2)
+    assert sorted(items[0].tolist()) == [0, 1]
+
+
+def test_copy_task_loss_decreases():
+    """Teacher forcing learns to copy each history's last three tokens in a few dozen steps."""
+    model = tiny_grace(dtype=torch.float32, decoder_layers=1).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(60):
+        tokens, cu_seqlens, anchors = random_histories(torch.randint(4, 7, (16,), generator=generator), generator)
+        targets = torch.stack([tokens[end - 3:end] for end in cu_seqlens[1:].tolist()])
+        loss = sequence_loss(model(tokens, cu_seqlens, anchors, shift_right(targets, 1)), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_config_checks_and_round_trip():
+    config = GRACEConfig(vocab_size=VOCAB, disabled_branches=["slc"], jsa=JSA)
+    assert GRACEConfig.from_dict(config.to_dict()) == config and config.num_kv_heads == config.num_heads
+    with pytest.raises(ValueError, match="attention must be one of"):
+        GRACEConfig(vocab_size=VOCAB, attention="flash")
+    with pytest.raises(ValueError, match="bidirectional"):
+        GRACEConfig(vocab_size=VOCAB, jsa=JSAConfig(causal=True))
+    with pytest.raises(ValueError, match="disabled_branches must be among"):
+        GRACEConfig(vocab_size=VOCAB, disabled_branches=("window",))
+    with pytest.raises(ValueError, match="attention='jsa' only"):
+        GRACEConfig(vocab_size=VOCAB, attention="dense", disabled_branches=("win",))
+    model = tiny_grace()
+    tokens, cu_seqlens, anchors = random_histories([3, 0])
+    with pytest.raises(ValueError, match="history lengths"):
+        model.encode(tokens, cu_seqlens, anchors)
+    tokens, cu_seqlens, anchors = random_histories([3])
+    with pytest.raises(ValueError, match="max_target_positions"):
+        model(tokens, cu_seqlens, anchors, torch.ones(1, 9, dtype=torch.long))
+
+
+def test_sasrec_scores_and_loss():
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_items=30, d_model=16, num_heads=2, dropout=0.0, max_length=10)).eval()
+    pad = model.pad_id
+    histories = torch.tensor([[3, 7, 9, pad, pad], [1, 2, 3, 4, 5]])
+    logits = model(histories)
+    assert logits.shape == (2, 5, 30)
+    # Right padding never reaches a real position, and scores are read at the last real one.
+    torch.testing.assert_close(logits[0, :3], model(histories[:1, :3])[0])
+    torch.testing.assert_close(model.score(histories), torch.stack([logits[0, 2], logits[1, 4]]))
+
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    next_items = torch.tensor([[7, 9, 11, pad, pad], [2, 3, 4, 5, 6]])
+    losses = []
+    for _ in range(30):
+        loss = sequence_loss(model(histories), next_items, ignore_index=pad)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
