@@ -15,8 +15,9 @@ its order matters; ties keep file order). Extra columns are ignored.
     sku42   running shoes   59.90   Acme    light trail...  red
 
 `product_type`, `price` (a number) and `brand` feed the CoT tokens; an empty cell is missing.
-The embedding text is `text` followed by "column: value" for every other column. Items absent from
-the file get every attribute missing.
+The embedding text is `text` followed by "column: value." for every other non-empty column, in
+file order (the attributes are described to the text model too). Items absent from the file get
+every attribute missing.
 """
 import os
 
@@ -98,7 +99,7 @@ def _read_table(path, required_columns, max_lines=None):
 
 def _read_items(path, wanted):
     columns, rows = _read_table(path, ("item",))
-    extra = [c for c in columns if c not in ("item",) + ATTRIBUTE_COLUMNS]
+    described = [c for c in columns if c not in ("item", "text")]
     attributes = {}
     for number, row in rows:
         item = row[columns["item"]]
@@ -106,6 +107,7 @@ def _read_items(path, wanted):
             continue
         value = {c: row[columns[c]] if c in columns else "" for c in ATTRIBUTE_COLUMNS}
         price = parse_number(path, number, value["price"], "price") if value["price"] else float("nan")
-        text = " ".join([value["text"]] + [f"{c}: {row[columns[c]]}." for c in extra if row[columns[c]]]).strip()
+        descriptions = [f"{c}: {row[columns[c]]}." for c in described if row[columns[c]]]
+        text = " ".join([value["text"]] + descriptions).strip()
         attributes[item] = (value["product_type"] or None, price, value["brand"] or None, text)
     return attributes

@@ -1,5 +1,6 @@
 """Reading (gzip) text files line by line, with errors that name the file and the line."""
 import gzip
+import math
 import os
 
 
@@ -36,8 +37,12 @@ def split_fields(path, line_number: int, line: str, expected: int, sep: str = "\
 
 
 def parse_number(path, line_number: int, text: str, what: str, kind=float):
+    """`text` as an int or a finite float ("nan" / "inf" would silently break sorting and bands)."""
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
-        raise line_error(path, line_number, f"{what} must be a{'n integer' if kind is int else ' number'}, "
-                                            f"got {text!r}") from None
+        value = None
+    if value is None or not math.isfinite(value):
+        raise line_error(path, line_number, f"{what} must be a{'n integer' if kind is int else ' finite number'}, "
+                                            f"got {text!r}")
+    return value

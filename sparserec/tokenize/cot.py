@@ -2,7 +2,8 @@
 
 Index 0 of every slot is UNK (attribute missing). Price bands are quantile buckets of the
 catalogue's known prices: band b holds prices in [edge[b-1], edge[b]), so each band holds about
-the same number of items; tied quantiles merge bands, so there can be fewer than asked.
+the same number of items. Edges are catalogue prices above the lowest one, so no band is empty;
+tied quantiles merge bands, so there can be fewer than asked.
 """
 from dataclasses import dataclass
 
@@ -48,8 +49,10 @@ def fit_cot_attributes(items: ItemTable, price_bands: int = 8) -> CoTAttributes:
     prices = items.price[np.isfinite(items.price)]
     edges = ()
     if prices.size:
-        inner = np.quantile(prices, np.linspace(0, 1, price_bands + 1)[1:-1])
-        edges = tuple(float(e) for e in np.unique(inner))
+        # "higher": every edge is a price some item has, so the band it opens holds that item;
+        # an edge at the lowest price would leave the first band empty.
+        inner = np.quantile(prices, np.linspace(0, 1, price_bands + 1)[1:-1], method="higher")
+        edges = tuple(float(e) for e in np.unique(inner[inner > prices.min()]))
     return CoTAttributes(
         product_types=tuple(sorted({t for t in items.product_type if t is not None})),
         brands=tuple(sorted({b for b in items.brand if b is not None})),

@@ -58,7 +58,8 @@ def cooccurrence_ppmi(data: InteractionData, train_end=None, window: int = 10) -
     pmi = np.log(counts * counts.sum() / (marginal[left] * marginal[right]))
     positive = pmi > 0
     index = torch.from_numpy(np.stack([left[positive], right[positive]]))
-    return torch.sparse_coo_tensor(index, torch.from_numpy(pmi[positive]).float(), (n, n)).coalesce()
+    return torch.sparse_coo_tensor(index, torch.from_numpy(pmi[positive]).float(), (n, n),
+                                   check_invariants=True).coalesce()
 
 
 def collaborative_embeddings(data: InteractionData, dim: int = 64, train_end=None, window: int = 10,

@@ -175,7 +175,9 @@ class ItemTokenizer:
 
     def decode_paths(self, paths) -> torch.Tensor:
         """(n,) int64 item ids of (n, path_depth) token paths; -1 where a path is no item's."""
-        paths = torch.as_tensor(paths, dtype=torch.int64).reshape(-1, self.path_depth)
+        paths = torch.as_tensor(paths, dtype=torch.int64)
+        if paths.dim() != 2 or paths.shape[1] != self.path_depth:
+            raise ValueError(f"paths must be (n, path_depth={self.path_depth}), got {tuple(paths.shape)}")
         item_of = self._item_of_cot_path if self.cot else self._item_of_sid_path
         return torch.tensor([item_of.get(tuple(p), -1) for p in paths.tolist()], dtype=torch.int64)
 
