@@ -26,7 +26,7 @@ def _extensions():
     use_cuda = os.environ.get("SPARSEREC_FORCE_CUDA") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None
     )
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++17"]
     extension = CppExtension
     extra = {"cxx": cxx_flags}
     macros = []
@@ -40,7 +40,6 @@ def _extensions():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
         define_macros=macros,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

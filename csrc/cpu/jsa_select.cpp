@@ -1,6 +1,6 @@
 // CPU kernel of sparserec::jsa_select, the top-N intra-journey block selection (SPEC §1, slc).
 // Python twin: sparserec.reference.jsa.select_blocks. One work item per (query tile, kv head),
-// spread over OpenMP threads; importance is accumulated in double in the twin's order (heads of
+// spread over torch's intra-op threads; importance is accumulated in double in the twin's order (heads of
 // the group per token, then tokens, then compressed blocks) so ties resolve identically.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -39,13 +39,11 @@ void select_tiles(const scalar_t* p_cmp, int64_t heads, int64_t num_cols, const 
                   const SelectConfig& cfg, int64_t* out, std::atomic<bool>& saw_nonfinite) {
   const int64_t group = heads / cfg.num_kv_heads;
   const int64_t num_items = static_cast<int64_t>(tiles.size()) * cfg.num_kv_heads;
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
+  // torch's own thread pool (grain 1: tiles of different sequences differ in cost).
+  at::parallel_for(0, num_items, 1, [&](int64_t item_begin, int64_t item_end) {
     std::vector<double> column_sum, per_token, importance;
     std::vector<int64_t> order;
-    // Tiles of different sequences differ in cost (their block counts), hence dynamic.
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < num_items; ++item) {
+    for (int64_t item = item_begin; item < item_end; ++item) {
       const Tile& tile = tiles[item / cfg.num_kv_heads];
       const int64_t kv_head = item % cfg.num_kv_heads;
 
@@ -91,7 +89,7 @@ void select_tiles(const scalar_t* p_cmp, int64_t heads, int64_t num_cols, const 
         std::fill(chosen + num_taken, chosen + cfg.top_n, -1);
       }
     }
-  }
+  });
 }
 
 at::Tensor jsa_select_cpu(const at::Tensor& p_cmp, const at::Tensor& cu_seqlens, int64_t block, int64_t stride,
