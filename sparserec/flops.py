@@ -6,6 +6,10 @@ The slc count needs the selection, which depends on the data: pass `selection` (
 `sparserec.reference.jsa_attention(..., return_selection=True)`) for the exact count; without it
 the count is the largest any selection could give (`slc_exact=False`), so savings are never
 overstated.
+
+`triton_executed_flops` counts what the Triton kernels actually execute (every tile product of
+every chunk their programs visit, padding included), so savings are measured, not only modelled;
+tests/test_executed_flops.py checks it against the tl.dot calls of an interpreted run.
 """
 from dataclasses import dataclass, field
 
@@ -122,4 +126,200 @@ def jsa_flops(lengths, config: JSAConfig, heads: int, head_dim: int, kv_heads=No
         result.compress += 2 * kv_heads * num_cmp * 2 * config.block * head_dim * head_dim
         dense_pairs = length * (length + 1) // 2 if config.causal else length * length
         result.dense += per_pair * heads * dense_pairs
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs the Triton kernels execute
+# ---------------------------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _matmul(m: int, n: int, k: int) -> int:
+    """FLOPs of one (m x k) @ (k x n) tile product: every executed count is a sum of these."""
+    return 2 * m * n * k
+
+
+def _steps(lo, hi, step: int):
+    """Iterations of `range(lo, hi, step)`, elementwise over tensors."""
+    return (torch.clamp(torch.as_tensor(hi - lo), min=0) + step - 1) // step
+
+
+@dataclass
+class KernelFlops:
+    """Matmul FLOPs the Triton JSA kernels execute per kernel, whole tiles (padding included)."""
+
+    forward: dict
+    backward: dict
+
+    @property
+    def forward_total(self) -> int:
+        return sum(self.forward.values())
+
+    @property
+    def backward_total(self) -> int:
+        return sum(self.backward.values())
+
+
+def _triton_tiles(config: JSAConfig, head_dim: int) -> dict:
+    """The tile sizes the Triton kernels launch with; an autotuned one as last chosen (before any
+    launch: its first candidate)."""
+    from .triton_kernels import jsa_cmp, jsa_compress, jsa_sparse
+    from .triton_kernels.common import cdiv, next_power_of_2
+
+    def tuned(kernel, name):
+        return (getattr(kernel, "best_config", None) or kernel.configs[0]).kwargs[name]
+
+    sparse_m, sparse_n = jsa_sparse._block_sizes(config, head_dim)
+    return dict(
+        cmp_d=max(16, next_power_of_2(head_dim)), sparse_d=next_power_of_2(head_dim),
+        compress_fwd_c=tuned(jsa_compress._compress_fwd, "BLOCK_C"),
+        compress_dw_c=tuned(jsa_compress._compress_bwd_dw, "BLOCK_C"),
+        compress_dx_c=tuned(jsa_compress._compress_bwd_dx, "BLOCK_C"), dw_splits=jsa_compress._dw_splits,
+        cmp_m=jsa_cmp.BLOCK_M, cmp_fwd_n=tuned(jsa_cmp._cmp_fwd, "BLOCK_N"),
+        cmp_dq_n=tuned(jsa_cmp._cmp_bwd_dq, "BLOCK_N"),
+        cmp_dkv_n=jsa_cmp.BLOCK_N_DKV, cmp_dkv_m=tuned(jsa_cmp._cmp_bwd_dkv, "BLOCK_M"),
+        # As jsa_cmp.cmp_select launches _cmp_select.
+        select_m=min(64, max(16, next_power_of_2(config.select_q_block))), select_n=64,
+        select_j=min(64, max(16, next_power_of_2(cdiv(2048, config.select_block)))),
+        sparse_m=sparse_m, sparse_n=sparse_n,
+    )
+
+
+def _visible_cmp(last_row, num_cmp: int, config: JSAConfig):
+    """Compressed blocks visible to a query at `last_row` (jsa_cmp._visible_blocks)."""
+    if not config.causal:
+        return torch.full_like(last_row, num_cmp)
+    reach = torch.where(last_row >= config.block - 1, (last_row - config.block + 1) // config.stride + 1, 0)
+    return torch.clamp(reach, max=num_cmp)
+
+
+def _cmp_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, t: dict):
+    """jsa_cmp: query tiles x chunks of their visible compressed blocks (forward, dq); chunks of
+    compressed blocks x the query rows that may see them (dk, dv)."""
+    m, dim = t["cmp_m"], t["cmp_d"]
+    visible = _visible_cmp(torch.clamp(torch.arange(0, n, m) + m, max=n) - 1, num_cmp, config)
+    forward = int(_steps(0, visible, t["cmp_fwd_n"]).sum()) * 2 * _matmul(m, t["cmp_fwd_n"], dim)
+    dq = int(_steps(0, visible, t["cmp_dq_n"]).sum()) * 3 * _matmul(m, t["cmp_dq_n"], dim)
+    first_row = torch.arange(0, num_cmp, t["cmp_dkv_n"])
+    first_row = first_row * config.stride + config.block - 1 if config.causal else torch.zeros_like(first_row)
+    dkv = int(_steps(first_row, n, t["cmp_dkv_m"]).sum()) * 4 * _matmul(t["cmp_dkv_n"], t["cmp_dkv_m"], dim)
+    return heads * forward, heads * (dq + dkv)
+
+
+def _select_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, kv_heads: int, t: dict) -> int:
+    """jsa_cmp._cmp_select: per (selection tile, kv head), chunks of its eligible selection blocks,
+    each re-scoring the compressed blocks overlapping them for every head of the group."""
+    last = torch.clamp(torch.arange(0, n, config.select_q_block) + config.select_q_block, max=n) - 1
+    num_sel = _cdiv(n, config.select_block)
+    eligible = torch.full_like(last, num_sel)
+    if config.causal:
+        eligible = torch.clamp(last // config.select_block + 1, max=num_sel)
+    visible = _visible_cmp(last, num_cmp, config)
+    cmp_chunks = 0
+    for j0 in range(0, num_sel, t["select_j"]):
+        span_start = j0 * config.select_block
+        i_lo = (span_start - config.block) // config.stride + 1 if span_start >= config.block else 0
+        i_hi = torch.clamp(visible, max=(j0 + t["select_j"]) * (config.select_block // config.stride))
+        cmp_chunks += int(torch.where(eligible > j0, _steps(i_lo, i_hi, t["select_n"]), 0).sum())
+    row_chunks = _cdiv(config.select_q_block, t["select_m"])
+    return kv_heads * cmp_chunks * (heads // kv_heads) * row_chunks * _matmul(t["select_m"], t["select_n"], t["cmp_d"])
+
+
+def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors, selection, t: dict):
+    """jsa_sparse, one sequence: anchors (A,) local positions; selection (n, Hkv, top_n)."""
+    m, chunk, q_tile, sel_block = t["sparse_m"], t["sparse_n"], config.select_q_block, config.select_block
+    group, window, causal = heads // kv_heads, config.window, config.causal
+    tile_product = _matmul(m, chunk, t["sparse_d"])
+
+    # Query-major (forward; dq): per query tile, key chunks of its window, anchors and selected blocks.
+    start = torch.arange(0, n, m)
+    last = torch.clamp(start + m, max=n) - 1
+    win_hi = last + 1 if causal else torch.clamp(last + window, max=n)
+    per_head = _steps(torch.clamp(start - window + 1, min=0), win_hi, chunk)
+    per_head += _steps(0, torch.searchsorted(anchors, last, right=True) if causal else len(anchors), chunk)
+    per_kv_head = 0
+    for step in range(_cdiv(m, q_tile) + 1):  # the selection tiles a query tile overlaps
+        tile = start // q_tile + step
+        picked = selection[torch.clamp(torch.maximum(tile * q_tile, start), max=n - 1)]  # (tiles, Hkv, top_n)
+        lo = picked * sel_block
+        hi = torch.clamp(lo + sel_block, max=n)
+        if causal:
+            hi = torch.minimum(hi, last[:, None, None] + 1)
+        used = (tile <= last // q_tile)[:, None, None] & (picked >= 0)
+        per_kv_head += int(torch.where(used, _steps(lo, hi, chunk), 0).sum())
+    query_chunks = heads * int(per_head.sum()) + group * per_kv_head
+
+    # Key-major (dk, dv): anchor chunks x the query rows that may see them; per key chunk of each
+    # selection block, the rows of its window and of the query tiles that selected the block.
+    anchor_first = anchors[::chunk] if causal else torch.zeros_like(anchors[::chunk])
+    key_rows = heads * int(_steps(anchor_first, n, m).sum())
+    key_lo = torch.arange(0, n, sel_block)[:, None] + torch.arange(0, sel_block, chunk)
+    key_hi = torch.minimum(torch.clamp(key_lo + chunk, max=n), (key_lo // sel_block + 1) * sel_block)
+    win_lo = key_lo if causal else torch.clamp(key_lo - window + 1, min=0)
+    win_rows = _steps(win_lo, torch.clamp(key_hi - 1 + window, max=n), m)
+    key_rows += heads * int(torch.where(key_lo < key_hi, win_rows, 0).sum())
+    tiles = torch.arange(0, n, q_tile)
+    picked = selection[tiles][..., None]  # (tiles, Hkv, top_n, 1)
+    key_lo = picked * sel_block + torch.arange(0, sel_block, chunk)
+    key_hi = torch.minimum(torch.clamp(key_lo + chunk, max=n), (picked + 1) * sel_block)
+    first = tiles[:, None, None, None]
+    slc_rows = _steps(torch.maximum(first, key_lo) if causal else first, torch.clamp(first + q_tile, max=n), m)
+    key_rows += group * int(torch.where((picked >= 0) & (key_lo < key_hi), slc_rows, 0).sum())
+    return query_chunks * 2 * tile_product, (query_chunks * 3 + key_rows * 4) * tile_product
+
+
+def _compress_flops(lengths, config: JSAConfig, kv_heads: int, t: dict):
+    """jsa_compress for K and V: BLOCK_C compressed blocks per program, one tile product per row r
+    of the block (forward, dx); dW in splits over the blocks."""
+    num_blocks = sum(num_compressed_blocks(n, config.block, config.stride) for n in lengths)
+    if not num_blocks:
+        return 0, 0
+    dim, block = t["cmp_d"], config.block
+    c_fwd, c_dw, c_dx = t["compress_fwd_c"], t["compress_dw_c"], t["compress_dx_c"]
+    forward = kv_heads * _cdiv(num_blocks, c_fwd) * block * _matmul(c_fwd, dim, dim)
+    splits = t["dw_splits"](num_blocks, block * kv_heads)
+    per_split = _cdiv(num_blocks, splits)
+    dw = block * kv_heads * splits * _cdiv(per_split, c_dw) * _matmul(dim, dim, c_dw)
+    num_rows = num_blocks + len(lengths) * (_cdiv(block, config.stride) - 1)
+    dx = kv_heads * _cdiv(num_rows, c_dx) * block * _matmul(c_dx, dim, dim)
+    return 2 * forward, 2 * (dw + dx)
+
+
+def triton_executed_flops(lengths, config: JSAConfig, heads: int, head_dim: int, kv_heads: int,
+                          anchor_mask: torch.Tensor, selection: torch.Tensor) -> KernelFlops:
+    """Matmul FLOPs the Triton backend executes for compress(K), compress(V) and one attention
+    call (forward), and for their backward: the key/query chunks each program visits, counted with
+    the kernels' own loop bounds and tile sizes (`_triton_tiles`), each chunk costing its full tile
+    products. Elementwise work is not counted. Forward kernels: compress, cmp (attention), select
+    (re-scoring for the top-N; not part of the useful count), sparse (slc + jrn + win). Backward:
+    compress (dW, dx), cmp (dq; dk, dv), sparse (dq; anchor dk, dv; block dk, dv).
+
+    anchor_mask (T,) bool and selection (T, Hkv, top_n) packed as for `jsa_flops`, selection as the
+    kernels picked it (`sparserec.ops.triton_backend.attention(..., return_selection=True)`).
+    """
+    tiles = _triton_tiles(config, head_dim)
+    lengths = [int(n) for n in (lengths.tolist() if torch.is_tensor(lengths) else lengths)]
+    anchor_mask, selection = anchor_mask.cpu(), selection.cpu().long()
+    result = KernelFlops(dict.fromkeys(("compress", "cmp", "select", "sparse"), 0),
+                         dict.fromkeys(("compress", "cmp", "sparse"), 0))
+    result.forward["compress"], result.backward["compress"] = _compress_flops(lengths, config, kv_heads, tiles)
+    offset = 0
+    for n in lengths:
+        rows = slice(offset, offset + n)
+        offset += n
+        if n == 0:
+            continue
+        num_cmp = num_compressed_blocks(n, config.block, config.stride)
+        forward, backward = _cmp_flops(n, num_cmp, config, heads, tiles)
+        result.forward["cmp"] += forward
+        result.backward["cmp"] += backward
+        result.forward["select"] += _select_flops(n, num_cmp, config, heads, kv_heads, tiles)
+        anchors = anchor_mask[rows].nonzero().flatten()
+        forward, backward = _sparse_flops(n, config, heads, kv_heads, anchors, selection[rows], tiles)
+        result.forward["sparse"] += forward
+        result.backward["sparse"] += backward
     return result
