@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install demo test gpu-test cuda-compile bench
+.PHONY: install demo test gpu-test gpu-sanitize cuda-compile bench
 
 # The environment's torch is used as is (never a second copy); on a machine without torch this
 # installs the CPU build first.
@@ -24,5 +24,12 @@ cuda-compile:
 gpu-test: install
 	$(PYTHON) -m pytest -q -m gpu tests
 
+# One GPU run of the Triton and CUDA ops under compute-sanitizer's memcheck.
+gpu-sanitize: install
+	compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest -q -m gpu -x \
+		tests/test_triton_backend.py tests/test_jsa_select.py tests/test_trie.py
+
 bench: install
 	$(PYTHON) benchmarks/attention_scaling.py
+	$(PYTHON) benchmarks/beam_search.py
+	$(PYTHON) -m sparserec.cli bench

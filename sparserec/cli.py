@@ -23,7 +23,7 @@ from .models import recommend as recommend_items
 from .pipeline import MODELS, build_model, evaluate, fit, load_run, popularity, prepare, save_run, subsample
 from .reference.jsa import BRANCHES
 from .tokenize import EMBEDDING_KINDS, TokenizerConfig
-from .train import TrainConfig, seed_everything
+from .train import TrainConfig, init_distributed, seed_everything, shutdown_distributed
 
 
 def _dataset_arguments(parser):
@@ -92,6 +92,10 @@ def _train_and_evaluate(args, prepared):
     result = fit(model, prepared, config, valid_users=args.valid_users, beam_size=args.beam,
                  checkpoint=os.path.join(args.out, "checkpoint.pt"))
     train_seconds = time.perf_counter() - started
+    rank = init_distributed()[0]
+    shutdown_distributed()
+    if rank != 0:  # under torchrun, rank 0 holds the best weights and does the rest
+        return model, None, train_seconds
     spec = {"dataset": args.dataset, "root": args.root, "max_lines": args.max_lines}
     save_run(args.out, model, prepared, spec)
     results = {args.model: evaluate(model, prepared, beam_size=args.beam), "popularity": popularity(prepared)}
@@ -113,6 +117,8 @@ def cmd_prepare(args):
 def cmd_train(args):
     prepared = _prepared(args)
     _, results, seconds = _train_and_evaluate(args, prepared)
+    if results is None:
+        return
     print(f"trained in {seconds:.0f} s; run saved to {args.out}")
     print(format_metrics(results))
 

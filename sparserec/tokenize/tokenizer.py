@@ -126,7 +126,9 @@ class ItemTokenizer:
             "format": CACHE_FORMAT, "vocab": self.vocab.state_dict(), "item_ids": list(self.item_ids),
             "item_cot": self.item_cot, "sids": self.sids, "collision": self.collision,
             "journey_key": self.journey_key, "config": self.config.to_dict(), "stats": self.stats,
-        }, path)
+        }, f"{path}.{os.getpid()}.tmp")
+        # Atomic: torchrun ranks fitting the same tokenizer never read a half-written cache.
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
 
     @classmethod
     def load(cls, path: str, cot: bool = True) -> "ItemTokenizer":
