@@ -20,7 +20,7 @@ from . import savings
 from .data import dataset_statistics, format_statistics
 from .generate import Trie
 from .models import recommend as recommend_items
-from .pipeline import MODELS, build_model, evaluate, fit, load_run, popularity, prepare, save_run, subsample
+from .pipeline import MODELS, baselines, build_model, evaluate, fit, load_run, prepare, save_run, subsample
 from .reference.jsa import BRANCHES
 from .tokenize import EMBEDDING_KINDS, TokenizerConfig
 from .train import TrainConfig, init_distributed, seed_everything, shutdown_distributed
@@ -98,7 +98,7 @@ def _train_and_evaluate(args, prepared):
         return model, None, train_seconds
     spec = {"dataset": args.dataset, "root": args.root, "max_lines": args.max_lines}
     save_run(args.out, model, prepared, spec)
-    results = {args.model: evaluate(model, prepared, beam_size=args.beam), "popularity": popularity(prepared)}
+    results = {args.model: evaluate(model, prepared, beam_size=args.beam), **baselines(prepared)}
     with open(os.path.join(args.out, "metrics.json"), "w") as file:
         json.dump({"results": results, "train_seconds": train_seconds, "steps": result.step}, file, indent=2)
     return model, results, train_seconds
@@ -129,7 +129,7 @@ def cmd_evaluate(args):
     targets = prepared.split.test if args.split == "test" else prepared.split.valid
     targets = subsample(targets, args.max_users)
     results = {os.path.basename(os.path.normpath(args.run)): evaluate(model, prepared, targets, args.beam),
-               "popularity": popularity(prepared, targets)}
+               **baselines(prepared, targets)}
     print(format_metrics(results))
 
 

@@ -102,6 +102,19 @@ def evaluate_popularity(data: InteractionData, train_end: np.ndarray, targets: T
     return _metrics(data, targets, top.expand(len(targets), -1), ks)
 
 
+def evaluate_recency(data: InteractionData, targets: Targets, ks=(5, 10)) -> dict:
+    """Per-behavior HR@K / NDCG@K of ranking each user's own past items, most recent first (the
+    repeat-consumption baseline: in multi-behavior logs a buy often follows a click or cart of the
+    same item)."""
+    ranked = torch.full((len(targets), max(ks)), -1, dtype=torch.int64)
+    for row, (user, position) in enumerate(zip(targets.user, targets.position)):
+        items = data.history(user, end=position)[0][::-1]
+        _, first = np.unique(items, return_index=True)
+        recent = items[np.sort(first)][: max(ks)]
+        ranked[row, : len(recent)] = torch.from_numpy(recent.copy())
+    return _metrics(data, targets, ranked, ks)
+
+
 def _metrics(data: InteractionData, targets: Targets, ranked: torch.Tensor, ks) -> dict:
     return per_behavior_metrics(ranked, torch.from_numpy(targets.items(data)).long(),
                                 torch.from_numpy(targets.behaviors(data)).long(), data.behaviors, ks)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .data import DataSplit, InteractionData, Targets, default_split, load_dataset
-from .evaluate import evaluate_grace, evaluate_popularity, evaluate_sasrec, task_targets, tasks_for
+from .evaluate import evaluate_grace, evaluate_popularity, evaluate_recency, evaluate_sasrec, task_targets, tasks_for
 from .generate import Trie
 from .models import GRACE, SASRec, GRACEConfig, SASRecConfig
 from .tokenize import ItemTokenizer, TokenizerConfig
@@ -83,11 +83,15 @@ def evaluate(model, prepared: Prepared, targets: Targets | None = None, beam_siz
             for task in tasks_for(prepared.data)}
 
 
-def popularity(prepared: Prepared, targets: Targets | None = None) -> dict:
-    """The popularity baseline on every task's targets, in `evaluate`'s format."""
+def baselines(prepared: Prepared, targets: Targets | None = None) -> dict:
+    """{"popularity": ..., "recent items": ...} on every task's targets, in `evaluate`'s format."""
     targets = prepared.split.test if targets is None else targets
-    return {task: evaluate_popularity(prepared.data, prepared.split.train_end, task_targets(prepared.data, targets, task))
-            for task in tasks_for(prepared.data)}
+    data, tasks = prepared.data, tasks_for(prepared.data)
+    return {
+        "popularity": {task: evaluate_popularity(data, prepared.split.train_end, task_targets(data, targets, task))
+                       for task in tasks},
+        "recent items": {task: evaluate_recency(data, task_targets(data, targets, task)) for task in tasks},
+    }
 
 
 def fit(model, prepared: Prepared, config: TrainConfig, valid_users: int | None = 512, beam_size: int = 20,

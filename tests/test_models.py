@@ -192,3 +192,16 @@ def test_sasrec_scores_and_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
+
+
+def test_packed_dense_attention_equals_padded_masked_sdpa():
+    from sparserec.models.layers import PackedDenseSelfAttention, pad_packed
+
+    torch.manual_seed(0)
+    layer = PackedDenseSelfAttention(16, num_heads=4, num_kv_heads=2).eval()
+    cu_seqlens = torch.tensor([0, 1, 8, 8 + 97])
+    x = torch.randn(105, 16, dtype=torch.float64)
+    layer.double()
+    padded, valid = pad_packed(x, cu_seqlens)
+    expected = layer.attention(padded, *layer.attention.keys_values(padded), attn_mask=valid[:, None, None, :])[valid]
+    torch.testing.assert_close(layer(x, cu_seqlens), expected)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparserec import cli
-from sparserec.pipeline import build_model, evaluate, fit, load_run, popularity, prepare, save_run, subsample
+from sparserec.pipeline import baselines, build_model, evaluate, fit, load_run, prepare, save_run, subsample
 from sparserec.tokenize import TokenizerConfig
 from sparserec.train import TrainConfig, seed_everything
 
@@ -59,7 +59,7 @@ def trained_grace(prepared):
 
 def test_grace_beats_popularity_on_every_task(prepared, trained_grace):
     results = evaluate(trained_grace, prepared, beam_size=10, progress=False)
-    baseline = popularity(prepared)
+    baseline = baselines(prepared)["popularity"]
     assert set(results) == {"target_behavior", "behavior_specific", "behavior_item"}
     for task, metrics in results.items():
         assert metrics["all"]["count"] == baseline[task]["all"]["count"] > 0
@@ -74,7 +74,7 @@ def test_sasrec_beats_popularity(prepared):
     model = build_model("sasrec", prepared, d_model=32, num_heads=2, layers=1, dropout=0.0)
     fit(model, prepared, train_config(150), valid_users=32)
     result = evaluate(model, prepared)["behavior_specific"]["all"]
-    assert result["hr@10"] > popularity(prepared)["behavior_specific"]["all"]["hr@10"] + 0.2
+    assert result["hr@10"] > baselines(prepared)["popularity"]["behavior_specific"]["all"]["hr@10"] + 0.2
 
 
 def test_saved_run_reloads_to_the_same_rankings(prepared, trained_grace, tmp_path):
@@ -108,3 +108,16 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert "no run.json" in capsys.readouterr().err
     assert cli.main(["train", "--dataset", "no-such-dataset", "--out", str(tmp_path)]) == 2
     assert "unknown dataset 'no-such-dataset'" in capsys.readouterr().err
+
+
+def test_recency_baseline_ranks_distinct_past_items_most_recent_first():
+    from sparserec.data import Targets, build_interaction_data
+    from sparserec.evaluate import evaluate_recency
+
+    # u0: a b a c | target b  -> recent distinct: c, a, b -> rank 3;  u1: d | target e -> absent.
+    events = [("u0", "a"), ("u0", "b"), ("u0", "a"), ("u0", "c"), ("u0", "b"), ("u1", "d"), ("u1", "e")]
+    data = build_interaction_data("toy", [u for u, _ in events], [i for _, i in events], [0] * len(events),
+                                  list(range(len(events))), ("click",), {})
+    metrics = evaluate_recency(data, Targets(np.array([0, 1]), np.array([4, 6])), ks=(1, 3))["all"]
+    assert metrics["hr@1"] == 0.0 and metrics["hr@3"] == 0.5
+    assert metrics["ndcg@3"] == pytest.approx(0.5 / np.log2(4))

@@ -77,8 +77,10 @@ def pad_packed(x, cu_seqlens):
 class PackedDenseSelfAttention(nn.Module):
     """Bidirectional dense self-attention with JourneySparseAttention's packed interface.
 
-    The dense ablation of the encoder: pads the jagged batch, runs SDPA with a key-padding mask,
-    packs the result back. `anchor_mask` is accepted and ignored (dense attention sees everything).
+    The dense ablation of the encoder; `anchor_mask` is accepted and ignored (dense attention sees
+    everything). On CUDA the jagged batch is padded and runs as one masked SDPA launch; on the CPU
+    each sequence runs its own unmasked SDPA (the fused CPU kernel), since padding a batch of
+    short and long histories to the longest wastes most of the work there.
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0):
@@ -86,9 +88,16 @@ class PackedDenseSelfAttention(nn.Module):
         self.attention = Attention(d_model, num_heads, num_kv_heads, dropout)
 
     def forward(self, x, cu_seqlens, anchor_mask=None):
-        padded, valid = pad_packed(x, cu_seqlens)
-        keys, values = self.attention.keys_values(padded)
-        return self.attention(padded, keys, values, attn_mask=valid[:, None, None, :])[valid]
+        if x.is_cuda:
+            padded, valid = pad_packed(x, cu_seqlens)
+            keys, values = self.attention.keys_values(padded)
+            return self.attention(padded, keys, values, attn_mask=valid[:, None, None, :])[valid]
+        bounds = cu_seqlens.tolist()
+        outputs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            sequence = x[None, start:end]
+            outputs.append(self.attention(sequence, *self.attention.keys_values(sequence))[0])
+        return torch.cat(outputs)
 
 
 def sequence_loss(logits, targets, ignore_index: int = -100):
