@@ -4,10 +4,11 @@ PIP ?= $(PYTHON) -m pip
 .PHONY: install demo test gpu-test gpu-sanitize cuda-compile bench
 
 # The environment's torch is used as is (never a second copy); on a machine without torch this
-# installs the CPU build first.
+# installs the CPU build first. --no-build-isolation builds with this environment's packages, so
+# the build requirements (setuptools, wheel, ninja) are installed here.
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -q ninja numpy tqdm pytest hypothesis expecttest matplotlib triton==3.6.0
+	$(PIP) install -q "setuptools>=64" wheel ninja numpy tqdm pytest hypothesis expecttest matplotlib triton==3.6.0
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 demo: install
