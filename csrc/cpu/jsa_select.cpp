@@ -2,6 +2,7 @@
 // Python twin: sparserec.reference.jsa.select_blocks. One work item per (query tile, kv head),
 // spread over torch's intra-op threads; importance is accumulated in double in the twin's order (heads of
 // the group per token, then tokens, then compressed blocks) so ties resolve identically.
+#include "jsa_select_checks.h"
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -95,23 +96,11 @@ void select_tiles(const scalar_t* p_cmp, int64_t heads, int64_t num_cols, const 
 at::Tensor jsa_select_cpu(const at::Tensor& p_cmp, const at::Tensor& cu_seqlens, int64_t block, int64_t stride,
                           int64_t select_block, int64_t top_n, int64_t select_q_block, int64_t num_kv_heads,
                           bool causal) {
-  TORCH_CHECK(p_cmp.dim() == 3, "jsa_select: p_cmp must be (T_total, H, C), got shape ", p_cmp.sizes());
-  const auto dtype = p_cmp.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "jsa_select: p_cmp must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1,
-              "jsa_select: cu_seqlens must be a 1-D tensor of B+1 offsets, got shape ", cu_seqlens.sizes());
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
-              "jsa_select: cu_seqlens must be int32 or int64, got ", cu_seqlens.scalar_type());
+  check_jsa_select_args(p_cmp, cu_seqlens, block, stride, select_block, top_n, select_q_block, num_kv_heads);
   TORCH_CHECK(p_cmp.device().is_cpu() && cu_seqlens.device().is_cpu(),
               "jsa_select (CPU kernel): p_cmp and cu_seqlens must be CPU tensors, got ", p_cmp.device(), " and ",
               cu_seqlens.device());
-  TORCH_CHECK(block >= 1 && stride >= 1 && select_block >= 1 && top_n >= 1 && select_q_block >= 1,
-              "jsa_select: block, stride, select_block, top_n and select_q_block must be >= 1, got ", block, ", ",
-              stride, ", ", select_block, ", ", top_n, ", ", select_q_block);
   const int64_t total = p_cmp.size(0), heads = p_cmp.size(1), num_cols = p_cmp.size(2);
-  TORCH_CHECK(num_kv_heads >= 1 && heads % num_kv_heads == 0, "jsa_select: query heads (", heads,
-              ") must be a positive multiple of num_kv_heads (", num_kv_heads, ")");
   const SelectConfig cfg{block, stride, select_block, top_n, select_q_block, num_kv_heads, causal};
 
   const at::Tensor offsets = cu_seqlens.to(at::kLong).contiguous();

@@ -1,6 +1,7 @@
 // CUDA binding of sparserec::jsa_select: checks what is known on the host, launches the kernels of
 // jsa_select.cuh on the current stream. Offset values are not read here (that would sync); the
 // Python wrapper sparserec.ops.jsa_select validates them.
+#include "jsa_select_checks.h"
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -31,23 +32,11 @@ struct CudaType<at::BFloat16> {
 at::Tensor jsa_select_cuda(const at::Tensor& p_cmp, const at::Tensor& cu_seqlens, int64_t block, int64_t stride,
                            int64_t select_block, int64_t top_n, int64_t select_q_block, int64_t num_kv_heads,
                            bool causal) {
-  TORCH_CHECK(p_cmp.dim() == 3, "jsa_select: p_cmp must be (T_total, H, C), got shape ", p_cmp.sizes());
-  const auto dtype = p_cmp.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "jsa_select: p_cmp must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1,
-              "jsa_select: cu_seqlens must be a 1-D tensor of B+1 offsets, got shape ", cu_seqlens.sizes());
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
-              "jsa_select: cu_seqlens must be int32 or int64, got ", cu_seqlens.scalar_type());
+  check_jsa_select_args(p_cmp, cu_seqlens, block, stride, select_block, top_n, select_q_block, num_kv_heads);
   TORCH_CHECK(p_cmp.is_cuda() && cu_seqlens.device() == p_cmp.device(),
               "jsa_select (CUDA kernel): p_cmp and cu_seqlens must be on one CUDA device, got ", p_cmp.device(),
               " and ", cu_seqlens.device());
-  TORCH_CHECK(block >= 1 && stride >= 1 && select_block >= 1 && top_n >= 1 && select_q_block >= 1,
-              "jsa_select: block, stride, select_block, top_n and select_q_block must be >= 1, got ", block, ", ",
-              stride, ", ", select_block, ", ", top_n, ", ", select_q_block);
   const int64_t total = p_cmp.size(0), heads = p_cmp.size(1), num_cols = p_cmp.size(2);
-  TORCH_CHECK(num_kv_heads >= 1 && heads % num_kv_heads == 0, "jsa_select: query heads (", heads,
-              ") must be a positive multiple of num_kv_heads (", num_kv_heads, ")");
   const int64_t num_seqs = cu_seqlens.numel() - 1;
   TORCH_CHECK(num_seqs >= 1 || total == 0, "jsa_select: cu_seqlens holds no sequence but p_cmp has ", total,
               " tokens");
@@ -65,7 +54,7 @@ at::Tensor jsa_select_cuda(const at::Tensor& p_cmp, const at::Tensor& cu_seqlens
                                              block,        stride,   select_block,   top_n,
                                              select_q_block, num_kv_heads, causal};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "jsa_select_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p_cmp.scalar_type(), "jsa_select_cuda", [&] {
     using kernel_t = typename CudaType<scalar_t>::type;
     int64_t shared_limit = 0;
     C10_CUDA_CHECK(jsa_select_kernels::max_dynamic_shared_bytes<kernel_t>(p_cmp.get_device(), &shared_limit));
