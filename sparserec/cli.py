@@ -54,6 +54,8 @@ def _train_arguments(parser):
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--patience", type=int, default=0, help="validations without improvement before stopping")
     parser.add_argument("--valid-users", type=int, default=512, help="validation users drawn for early stopping")
+    parser.add_argument("--test-users", type=int, default=None,
+                        help="evaluate on this many test users drawn with a fixed seed (default: all)")
     parser.add_argument("--beam", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join("runs", "latest"), help="run directory to write")
@@ -98,7 +100,8 @@ def _train_and_evaluate(args, prepared):
         return model, None, train_seconds
     spec = {"dataset": args.dataset, "root": args.root, "max_lines": args.max_lines}
     save_run(args.out, model, prepared, spec)
-    results = {args.model: evaluate(model, prepared, beam_size=args.beam), **baselines(prepared)}
+    test = subsample(prepared.split.test, args.test_users)
+    results = {args.model: evaluate(model, prepared, test, beam_size=args.beam), **baselines(prepared, test)}
     with open(os.path.join(args.out, "metrics.json"), "w") as file:
         json.dump({"results": results, "train_seconds": train_seconds, "steps": result.step}, file, indent=2)
     return model, results, train_seconds
@@ -211,7 +214,8 @@ def cmd_demo(args):
     train_args = argparse.Namespace(
         model="grace", attention="jsa", disable_branch=[], d_model=128, heads=4, layers=2, steps=args.steps,
         batch_size=64, lr=2e-3, warmup=min(100, args.steps // 10), eval_every=args.steps, patience=0,
-        valid_users=256, beam=20, seed=0, out=args.out, dataset="embedded", root=None, max_lines=None)
+        valid_users=256, test_users=None, beam=20, seed=0, out=args.out, dataset="embedded", root=None,
+        max_lines=None)
     model, results, train_seconds = _train_and_evaluate(train_args, prepared)
     print(f"\n== test metrics (full ranking, trie-constrained beam 20; trained {train_seconds:.0f} s) ==")
     print(format_metrics(results))
