@@ -9,12 +9,9 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from jsa_inputs import make_inputs  # noqa: E402
-from sparserec import JSAConfig  # noqa: E402
-from sparserec.flops import jsa_flops, triton_executed_flops  # noqa: E402
+from jsa_inputs import make_inputs
+from sparserec import JSAConfig
+from sparserec.flops import jsa_flops, triton_executed_flops
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="counts tl.dot calls in Triton's interpreter")

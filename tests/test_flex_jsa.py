@@ -15,18 +15,15 @@ import warnings
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from torch.nn.attention.flex_attention import create_mask
 
-from torch.nn.attention.flex_attention import create_mask  # noqa: E402
-
-from jsa_inputs import make_inputs  # noqa: E402
-from sparserec import JSAConfig  # noqa: E402
-from sparserec.reference import jsa_attention  # noqa: E402
-from tolerance import assert_close_to_reference  # noqa: E402
+from jsa_inputs import make_inputs
+from sparserec import JSAConfig
+from sparserec.reference import jsa_attention
+from tolerance import assert_close_to_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # flex_jsa is benchmark code
-from flex_jsa import FlexBatch, flex_jsa_attention  # noqa: E402
+from flex_jsa import FlexBatch, flex_jsa_attention
 
 # Eager flex_attention warns on every call that it is unfused; that is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

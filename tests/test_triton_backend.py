@@ -1,8 +1,8 @@
 """The whole Triton backend (`backend="triton"`: compress, cmp, selection, fused sparse kernel,
 gating, autograd) against `backend="reference"`, forward and backward.
 
-Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 is set
-here before triton is imported); with CUDA the same tests run compiled, plus the real-size ones
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (conftest.py sets
+TRITON_INTERPRET=1); with CUDA the same tests run compiled, plus the real-size ones
 marked `gpu`. Every kernel output is NaN-poisoned before the kernels run.
 
 The selection is a discrete choice made from floating-point importance, so the references run
@@ -10,23 +10,19 @@ with the kernel's selection injected (after checking it equals the reference's o
 inputs): the float64 reference would otherwise be free to break near-ties differently.
 """
 from dataclasses import replace
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import sparserec  # noqa: E402
-from jsa_inputs import make_inputs  # noqa: E402
-from sparserec import JSAConfig  # noqa: E402
-from sparserec.ops import jsa_attention, jsa_compress  # noqa: E402
-from sparserec.ops.dispatch import resolve  # noqa: E402
-from sparserec.reference import jsa_attention as reference_attention  # noqa: E402
-from sparserec.triton_kernels import common, jsa_sparse  # noqa: E402
-from sparserec.triton_kernels.common import interpreting  # noqa: E402
-from tolerance import assert_close_to_reference  # noqa: E402
+import sparserec
+from jsa_inputs import make_inputs
+from sparserec import JSAConfig
+from sparserec.ops import jsa_attention, jsa_compress
+from sparserec.ops.dispatch import resolve
+from sparserec.reference import jsa_attention as reference_attention
+from sparserec.triton_kernels import common, jsa_sparse
+from sparserec.triton_kernels.common import interpreting
+from tolerance import assert_close_to_reference
 
 DEVICE = "cpu" if interpreting() else "cuda"
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

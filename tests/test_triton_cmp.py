@@ -1,25 +1,21 @@
 """Triton compressed attention and top-N selection (triton_kernels/jsa_cmp.py) against the reference.
 
-Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 is set
-here before triton is imported). Outputs are NaN-poisoned before the kernels run.
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (conftest.py sets
+TRITON_INTERPRET=1). Outputs are NaN-poisoned before the kernels run.
 """
 from dataclasses import replace
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from jsa_inputs import make_inputs  # noqa: E402
-from sparserec import JSAConfig  # noqa: E402
-from sparserec.reference.jsa import cmp_mask, masked_attention, select_blocks  # noqa: E402
-from sparserec.triton_kernels import common  # noqa: E402
-from sparserec.triton_kernels.common import interpreting  # noqa: E402
-from sparserec.triton_kernels.jsa_cmp import cmp_attention_bwd, cmp_attention_fwd, cmp_select  # noqa: E402
-from tolerance import assert_close_to_reference  # noqa: E402
+from jsa_inputs import make_inputs
+from sparserec import JSAConfig
+from sparserec.reference.jsa import cmp_mask, masked_attention, select_blocks
+from sparserec.triton_kernels import common
+from sparserec.triton_kernels.common import interpreting
+from sparserec.triton_kernels.jsa_cmp import cmp_attention_bwd, cmp_attention_fwd, cmp_select
+from tolerance import assert_close_to_reference
 
 DEVICE = "cpu" if interpreting() else "cuda"
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}

@@ -1,23 +1,19 @@
 """Triton block compression (triton_kernels/jsa_compress.py) against the reference, fwd and bwd.
 
-Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 is set
-here before triton is imported). Outputs are NaN-poisoned before the kernels run.
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (conftest.py sets
+TRITON_INTERPRET=1). Outputs are NaN-poisoned before the kernels run.
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from jsa_inputs import cu_from_lengths  # noqa: E402
-from sparserec.ops import jsa_compress  # noqa: E402
-from sparserec.reference import jsa_compress as reference_compress  # noqa: E402
-from sparserec.triton_kernels import common  # noqa: E402
-from sparserec.triton_kernels.common import interpreting  # noqa: E402
-from sparserec.triton_kernels.jsa_compress import compress_bwd, compress_fwd, compressed_cu_seqlens  # noqa: E402
-from tolerance import assert_close_to_reference  # noqa: E402
+from jsa_inputs import cu_from_lengths
+from sparserec.ops import jsa_compress
+from sparserec.reference import jsa_compress as reference_compress
+from sparserec.triton_kernels import common
+from sparserec.triton_kernels.common import interpreting
+from sparserec.triton_kernels.jsa_compress import compress_bwd, compress_fwd, compressed_cu_seqlens
+from tolerance import assert_close_to_reference
 
 DEVICE = "cpu" if interpreting() else "cuda"
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}

@@ -1,7 +1,7 @@
 """The fused slc + jrn + win Triton kernel (triton_kernels/jsa_sparse.py) against the reference.
 
-Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 is set
-here before triton is imported); with CUDA the same tests run compiled on the GPU, plus the
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (conftest.py sets
+TRITON_INTERPRET=1); with CUDA the same tests run compiled on the GPU, plus the
 real-size ones marked `gpu`. The oracle is the reference's own masks (`token_masks`) and
 attention (`masked_attention`) with the selection the reference picked; it is checked against
 `jsa_attention` itself with the cmp gate at zero. Outputs are NaN-poisoned before the kernels
@@ -9,21 +9,17 @@ run, so a row left unwritten fails.
 """
 import math
 from dataclasses import replace
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from jsa_inputs import make_inputs  # noqa: E402
-from sparserec import JSAConfig  # noqa: E402
-from sparserec.reference import jsa_attention  # noqa: E402
-from sparserec.reference.jsa import masked_attention, token_masks  # noqa: E402
-from sparserec.triton_kernels import jsa_sparse  # noqa: E402
-from sparserec.triton_kernels.common import interpreting  # noqa: E402
-from tolerance import assert_close_to_reference  # noqa: E402
+from jsa_inputs import make_inputs
+from sparserec import JSAConfig
+from sparserec.reference import jsa_attention
+from sparserec.reference.jsa import masked_attention, token_masks
+from sparserec.triton_kernels import jsa_sparse
+from sparserec.triton_kernels.common import interpreting
+from tolerance import assert_close_to_reference
 
 DEVICE = "cpu" if interpreting() else "cuda"
 # Where the same-dtype reference is nearly exact (fp32 vs fp64), summation order alone differs.
