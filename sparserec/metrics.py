@@ -7,7 +7,10 @@ targets[b] in ranked[b] (its first occurrence; infinite when absent):
     HR@K   = (1/B) Σ_b 1[rank_b ≤ K]
     NDCG@K = (1/B) Σ_b 1[rank_b ≤ K] / log2(rank_b + 1)
 
-(one relevant item, so the ideal DCG is 1/log2(2) = 1).
+(one relevant item, so the ideal DCG is 1/log2(2) = 1). Each mean comes with its standard error
+over users, `hr@K_se` and `ndcg@K_se` = std(per-user values) / sqrt(B) (population std): two
+models evaluated on the same B users whose metrics differ by less than about twice that are not
+told apart by this sample.
 """
 import math
 
@@ -42,13 +45,27 @@ def ndcg(ranked, targets, k: int) -> float:
 
 
 def ranking_metrics(ranked, targets, ks=(5, 10)) -> dict:
-    """{"hr@K": ..., "ndcg@K": ...} for each K in ks, plus "count" (users)."""
+    """{"hr@K", "ndcg@K", "hr@K_se", "ndcg@K_se"} for each K in ks (means over users and their
+    standard errors), plus "count" (users)."""
+    ranks = target_ranks(ranked, targets)
     metrics = {}
     for k in ks:
-        metrics[f"hr@{k}"] = hit_rate(ranked, targets, k)
-        metrics[f"ndcg@{k}"] = ndcg(ranked, targets, k)
+        if not 1 <= k <= ranked.shape[1]:
+            raise ValueError(f"K must be in [1, {ranked.shape[1]}] (the ranked list length), got {k}")
+        hits = (ranks <= k).double()
+        gains = torch.where(ranks <= k, 1.0 / torch.log2(ranks + 1), 0.0)
+        for name, values in ((f"hr@{k}", hits), (f"ndcg@{k}", gains)):
+            metrics[name] = values.mean().item()
+            metrics[f"{name}_se"] = standard_error(values)
     metrics["count"] = len(targets)
     return metrics
+
+
+def standard_error(values) -> float:
+    """Standard error of the mean of per-user values (1-D): population std / sqrt(n); 0 for n < 2."""
+    if len(values) < 2:
+        return 0.0
+    return (values.double().std(correction=0) / math.sqrt(len(values))).item()
 
 
 def per_behavior_metrics(ranked, targets, behaviors, behavior_names, ks=(5, 10)) -> dict:

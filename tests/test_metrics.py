@@ -33,13 +33,28 @@ def test_ndcg_by_hand():
 
 def test_ranking_metrics_and_per_behavior_breakdown():
     metrics = ranking_metrics(RANKED, TARGETS, ks=(2, 4))
-    assert metrics == pytest.approx({"hr@2": 0.5, "ndcg@2": (1 + 1 / math.log2(3)) / 4,
-                                     "hr@4": 0.75, "ndcg@4": (1.5 + 1 / math.log2(3)) / 4, "count": 4})
+    means = {key: value for key, value in metrics.items() if not key.endswith("_se")}
+    assert means == pytest.approx({"hr@2": 0.5, "ndcg@2": (1 + 1 / math.log2(3)) / 4,
+                                   "hr@4": 0.75, "ndcg@4": (1.5 + 1 / math.log2(3)) / 4, "count": 4})
+    # Standard error: population std over the 4 users / sqrt(4). Hits at K=2 are 1, 0, 0, 1.
+    assert metrics["hr@2_se"] == pytest.approx(0.5 / 2)
+    gains = torch.tensor([1.0, 0.0, 0.0, 1 / math.log2(3)], dtype=torch.float64)
+    assert metrics["ndcg@2_se"] == pytest.approx(gains.std(correction=0).item() / 2)
     behaviors = torch.tensor([0, 0, 2, 2])
     result = per_behavior_metrics(RANKED, TARGETS, behaviors, ("buy", "cart", "click"), ks=(2,))
     assert set(result) == {"all", "buy", "click"}  # no "cart" targets
-    assert result["buy"] == pytest.approx({"hr@2": 0.5, "ndcg@2": 0.5, "count": 2})
-    assert result["click"] == pytest.approx({"hr@2": 0.5, "ndcg@2": 1 / math.log2(3) / 2, "count": 2})
+    assert result["buy"] == pytest.approx({"hr@2": 0.5, "ndcg@2": 0.5, "count": 2, "hr@2_se": 0.5 / math.sqrt(2),
+                                           "ndcg@2_se": 0.5 / math.sqrt(2)})
+    assert result["click"]["ndcg@2"] == pytest.approx(1 / math.log2(3) / 2)
+
+
+def test_standard_error_shrinks_as_one_over_root_n():
+    from sparserec.metrics import standard_error
+
+    values = torch.tensor([0.0, 1.0])
+    assert standard_error(values) == pytest.approx(0.5 / math.sqrt(2))
+    assert standard_error(values.repeat(50)) == pytest.approx(0.5 / 10)
+    assert standard_error(torch.tensor([1.0])) == 0.0
 
 
 def test_bad_input():

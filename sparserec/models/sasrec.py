@@ -1,11 +1,20 @@
 """SASRec (Kang & McAuley, 2018): a causal transformer over item ids, the sanity baseline.
 
-Pre-norm blocks from `layers`, learned positions, item embedding shared with the output: the
-score of item j after position t is h_t · e_j, a softmax over all items (full ranking, no
-sampled negatives). Histories are right-padded (B, L) item ids with `pad_id` (= num_items); the
-causal mask alone keeps padding (always after the real items) out of every real position.
-Training: `sequence_loss(model(items), next_items, ignore_index=pad_id)` (next_items: the
-history shifted left by one, pad_id where there is no next item).
+Pre-norm blocks from `layers`, learned positions, and an output head over all items: the score of
+item j after position t is h_t · e_j, a softmax over the whole catalogue (full ranking, no sampled
+negatives). `head="tied"` shares e with the input item embedding; `head="untied"` learns its own.
+Histories are right-padded (B, L) item ids with `pad_id` (= num_items); the causal mask alone keeps
+padding (always after the real items) out of every real position.
+
+Initialisation is N(0, 0.02) for every embedding and linear weight (BERT/GPT-2's), so the starting
+logits are near zero and the first loss is close to ln(num_items). `nn.Embedding`'s default N(0, 1)
+with a tied head starts with logits of std ≈ sqrt(d_model) and a loss several times ln(num_items),
+which the model spends epochs unlearning (and overfits on the way).
+
+Training: `model(inputs, next_items)` returns the mean cross-entropy over real positions only
+(next_items: the history shifted left by one, pad_id where there is no next item); the catalogue
+logits are computed for those positions alone, never for padding. `score` reads the last real
+position's state and builds logits for that one row per history.
 """
 from dataclasses import dataclass
 
@@ -15,6 +24,9 @@ from torch import nn
 
 from .layers import Attention, FeedForward, causal_mask
 
+HEADS = ("tied", "untied")
+INIT_STD = 0.02
+
 
 @dataclass(frozen=True)
 class SASRecConfig:
@@ -23,8 +35,13 @@ class SASRecConfig:
     num_heads: int = 2
     layers: int = 2
     d_ff: int = 256
-    dropout: float = 0.2
-    max_length: int = 200
+    dropout: float = 0.3
+    max_length: int = 50
+    head: str = "tied"
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
 
 
 class SASRecBlock(nn.Module):
@@ -51,13 +68,22 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.layers))
         self.norm = nn.RMSNorm(config.d_model, eps=1e-6)
         self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(config.d_model, config.num_items, bias=False) if config.head == "untied" else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for module in self.modules():
+            if isinstance(module, (nn.Embedding, nn.Linear)):
+                nn.init.normal_(module.weight, std=INIT_STD)
+        with torch.no_grad():
+            self.item_embedding.weight[self.pad_id].zero_()
 
     @property
     def pad_id(self) -> int:
         return self.config.num_items
 
-    def forward(self, item_ids):
-        """Right-padded histories (B, L) -> next-item logits over all items (B, L, num_items)."""
+    def states(self, item_ids):
+        """Right-padded histories (B, L) -> final hidden states (B, L, d_model)."""
         length = item_ids.shape[1]
         if length > self.config.max_length:
             raise ValueError(f"histories of {length} items exceed max_length ({self.config.max_length})")
@@ -65,12 +91,26 @@ class SASRec(nn.Module):
         mask = causal_mask(length, length, item_ids.device)
         for block in self.blocks:
             x = block(x, mask)
-        return F.linear(self.norm(x), self.item_embedding.weight[: self.pad_id])
+        return self.norm(x)
+
+    def logits(self, states):
+        """States (..., d_model) -> scores over all items (..., num_items)."""
+        weight = self.output.weight if self.output is not None else self.item_embedding.weight[: self.pad_id]
+        return F.linear(states, weight)
+
+    def forward(self, item_ids, next_items=None):
+        """Without next_items: next-item logits at every position (B, L, num_items) (tests, inspection).
+        With next_items (B, L): the mean cross-entropy over the positions whose next item is real."""
+        states = self.states(item_ids)
+        if next_items is None:
+            return self.logits(states)
+        real = next_items != self.pad_id
+        return F.cross_entropy(self.logits(states[real]).float(), next_items[real])
 
     def score(self, item_ids):
         """Full-ranking scores (B, num_items) of the item after each right-padded history (B, L)."""
         last = (item_ids != self.pad_id).sum(1) - 1
         if int(last.min()) < 0:
             raise ValueError("every history needs at least one item")
-        logits = self(item_ids)
-        return logits[torch.arange(item_ids.shape[0], device=item_ids.device), last]
+        states = self.states(item_ids)
+        return self.logits(states[torch.arange(item_ids.shape[0], device=item_ids.device), last])

@@ -4,7 +4,7 @@ GRACE (`GRACEExamples`, `grace_loss`): each example is one target interaction of
 history before it; a batch packs the histories' tokens (flash-attn varlen layout, with the jrn
 anchors) and teacher-forces the decoder on the target's `[behavior] [CoT] [SID] [collision]`.
 SASRec (`SASRecExamples`, `sasrec_loss`): each example is one user's training sequence,
-right-padded; every position predicts the next item.
+right-padded; every real position predicts the next item (padded positions cost no logits).
 """
 import numpy as np
 import torch
@@ -85,5 +85,5 @@ class SASRecExamples(Dataset):
 
 
 def sasrec_loss(model, batch) -> torch.Tensor:
-    pad_id = getattr(model, "module", model).pad_id  # `model` may be the DDP wrapper
-    return sequence_loss(model(batch["inputs"]), batch["next_items"], ignore_index=pad_id)
+    """Mean cross-entropy over real (non-padded) positions; catalogue logits only where they count."""
+    return model(batch["inputs"], batch["next_items"])

@@ -1,6 +1,6 @@
 """A small model-agnostic trainer.
 
-AdamW with linear warmup and cosine decay, bf16 autocast on CUDA, gradient clipping, seeds,
+AdamW with linear warmup then cosine decay or inverse-square-root decay, bf16 autocast on CUDA, gradient clipping, seeds,
 checkpoint/resume, early stopping on a validation metric, tqdm progress, and DDP when launched by
 `torchrun` (gloo on CPU, nccl on CUDA). The model is trained through `loss_fn(model, batch) ->
 scalar loss`; under DDP `model` is the DDP wrapper, so `loss_fn` must call `model(...)` (its
@@ -33,6 +33,8 @@ class TrainConfig:
     also written after every validation and when `fit` returns).
     patience: validations without improvement of `metric` before stopping (0: never stop early).
     amp: bf16 autocast on CUDA (ignored on CPU).
+    schedule: "cosine" (warmup, then cosine to min_lr_ratio at max_steps) or "inverse_sqrt" (warmup,
+    then lr * sqrt(warmup_steps / step), T5/TIGER's; it does not depend on max_steps).
     """
 
     max_steps: int = 10_000
@@ -42,6 +44,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.98)
     warmup_steps: int = 500
     min_lr_ratio: float = 0.0
+    schedule: str = "cosine"
     grad_clip: float = 1.0
     amp: bool = True
     seed: int = 0
@@ -72,6 +75,26 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float):
         progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return multiplier
+
+
+def warmup_inverse_sqrt(warmup_steps: int):
+    """LR multiplier: linear from 1/warmup to 1 over the warmup, then sqrt(warmup / step)."""
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return math.sqrt(max(1, warmup_steps) / (step + 1))
+    return multiplier
+
+
+SCHEDULES = ("cosine", "inverse_sqrt")
+
+
+def lr_multiplier(config: "TrainConfig"):
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    if config.schedule == "inverse_sqrt":
+        return warmup_inverse_sqrt(config.warmup_steps)
+    return warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio)
 
 
 class ResumableSampler(DistributedSampler):
@@ -111,8 +134,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": matrices, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}],
             lr=config.lr, betas=config.betas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(config))
         self.sampler = ResumableSampler(dataset, num_replicas=self.world_size, rank=self.rank, seed=config.seed)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_metric, self.best_step, self.evals_since_best = -math.inf, -1, 0
