@@ -13,9 +13,10 @@ naming the file and line. The generic user format is documented in `sparserec.da
 `python -m sparserec.data.make_embedded` regenerates the embedded dataset.
 """
 from .amazon import load_amazon_beauty
-from .datasets import DEFAULT_PREPARATION, default_split, load_dataset, load_embedded
+from .datasets import DATASET_NAMES, DEFAULT_PREPARATION, default_split, load_dataset, load_embedded
 from .embedded import EMBEDDED_DIR
 from .filtering import drop_duplicates, k_core, prepare
+from .fingerprint import data_fingerprint, file_fingerprint, fingerprint_changes
 from .generic import load_generic
 from .interactions import InteractionData, ItemTable, build_interaction_data
 from .paths import data_root
@@ -27,7 +28,8 @@ from .taobao import load_taobao
 __all__ = [
     "InteractionData", "ItemTable", "build_interaction_data", "data_root",
     "load_dataset", "load_embedded", "load_taobao", "load_amazon_beauty", "load_mbht_retail", "load_generic",
-    "DEFAULT_PREPARATION", "drop_duplicates", "k_core", "prepare",
+    "DATASET_NAMES", "DEFAULT_PREPARATION", "drop_duplicates", "k_core", "prepare",
     "DataSplit", "Targets", "leave_one_out", "mbgen_split", "default_split",
     "dataset_statistics", "format_statistics", "EMBEDDED_DIR",
+    "data_fingerprint", "file_fingerprint", "fingerprint_changes",
 ]

@@ -11,7 +11,7 @@ import os
 
 from .interactions import build_interaction_data
 from .paths import dataset_dir
-from .textio import line_error, read_lines, split_fields
+from .textio import line_error, read_lines, require_events, split_fields
 
 NAME = "amazon-beauty"
 BEHAVIORS = ("review",)
@@ -33,6 +33,7 @@ def load_amazon_beauty(root=None, max_lines: int | None = None, product_type_dep
         users.extend([fields[0]] * (len(fields) - 1))
         items.extend(fields[1:])
         timestamps.extend(range(len(fields) - 1))
+    require_events(sequences_path, len(users))
     attributes = _read_items(os.path.join(folder, ITEMS_FILE), os.path.join(folder, KEYWORDS_FILE),
                              set(items), product_type_depth)
     return build_interaction_data(NAME, users, items, [0] * len(items), timestamps, BEHAVIORS, attributes)

@@ -1,6 +1,6 @@
 """The generic format: a folder any user can produce from their own logs.
 
-`interactions.tsv` (or `.tsv.gz`), tab-separated, header line required, one event per line:
+`interactions.tsv` or `interactions.tsv.gz` (not both), tab-separated, header line required, one event per line:
 
     user    item    behavior    timestamp
     u17     sku42   click       1718000000
@@ -9,7 +9,7 @@
 `behavior` may be left out (every event is then "interact"); `timestamp` is any number (only
 its order matters; ties keep file order). Extra columns are ignored.
 
-`items.tsv` (or `.tsv.gz`), optional, header line required; only `item` is mandatory:
+`items.tsv` or `items.tsv.gz` (not both), optional, header line required; only `item` is mandatory:
 
     item    product_type    price   brand   text            color
     sku42   running shoes   59.90   Acme    light trail...  red
@@ -22,7 +22,7 @@ every attribute missing.
 import os
 
 from .interactions import build_interaction_data
-from .textio import line_error, parse_number, read_lines
+from .textio import line_error, parse_number, read_lines, require_events
 
 INTERACTIONS_FILES = ("interactions.tsv", "interactions.tsv.gz")
 ITEMS_FILES = ("items.tsv", "items.tsv.gz")
@@ -58,6 +58,7 @@ def load_generic(folder, name: str | None = None, behaviors=None, target_behavio
         items.append(item)
         codes.append(code_of[behavior])
         timestamps.append(parse_number(interactions_path, number, row[columns["timestamp"]], "timestamp"))
+    require_events(interactions_path, len(users))
     items_path = _find(folder, ITEMS_FILES, required=False)
     attributes = _read_items(items_path, set(items)) if items_path else {}
     return build_interaction_data(name or os.path.basename(os.path.normpath(folder)), users, items, codes,
@@ -66,10 +67,12 @@ def load_generic(folder, name: str | None = None, behaviors=None, target_behavio
 
 
 def _find(folder, candidates, required):
-    for file in candidates:
-        path = os.path.join(folder, file)
-        if os.path.isfile(path):
-            return path
+    present = [os.path.join(folder, file) for file in candidates if os.path.isfile(os.path.join(folder, file))]
+    if len(present) > 1:
+        raise ValueError(f"{folder} holds both {' and '.join(candidates)}; keep one of them (which one to read "
+                         "would be a guess)")
+    if present:
+        return present[0]
     if required:
         raise FileNotFoundError(f"{folder} holds none of {list(candidates)} (see sparserec.data.generic)")
     return None
@@ -78,7 +81,10 @@ def _find(folder, candidates, required):
 def _read_table(path, required_columns, max_lines=None):
     """Returns ({column: index}, iterator of (line number, fields)) after checking the header."""
     lines = read_lines(path, max_lines)
-    number, header = next(lines, (1, ""))
+    number, header = next(lines, (1, None))
+    if header is None:
+        raise line_error(path, number, "the file is empty; it needs a header line naming the columns "
+                                       f"{list(required_columns)}")
     names = header.split("\t")
     missing = [c for c in required_columns if c not in names]
     if missing:

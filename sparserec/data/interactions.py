@@ -58,6 +58,7 @@ class InteractionData:
     item: np.ndarray  # (num_interactions,) int64
     behavior: np.ndarray  # (num_interactions,) int64
     timestamp: np.ndarray  # (num_interactions,) float64
+    sources: tuple = ()  # absolute paths of the files read (set by load_dataset; run fingerprints)
 
     @property
     def num_users(self) -> int:
@@ -114,6 +115,7 @@ class InteractionData:
             item=new_item[items],
             behavior=self.behavior[keep],
             timestamp=self.timestamp[keep],
+            sources=self.sources,
         )
 
 

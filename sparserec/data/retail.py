@@ -14,7 +14,7 @@ import os
 
 from .interactions import build_interaction_data
 from .paths import dataset_dir
-from .textio import line_error, parse_number, read_lines, split_fields
+from .textio import line_error, parse_number, read_lines, require_events, split_fields
 
 NAME = "mbht-retail"
 BEHAVIORS = ("buy", "aux_1", "view", "aux_3")  # index = the file's behavior code
@@ -29,6 +29,7 @@ def load_mbht_retail(root=None, max_lines: int | None = None, include_test_sessi
     for file in FILES[: 2 if include_test_sessions else 1]:
         path = os.path.join(folder, file)
         prefix = file.split(".")[1]
+        events_before = len(users)
         for number, line in read_lines(path, max_lines):
             fields = split_fields(path, number, line, 4)
             if number == 1:
@@ -49,4 +50,5 @@ def load_mbht_retail(root=None, max_lines: int | None = None, include_test_sessi
             items.extend(history + [target])
             behaviors.extend(codes + [0])
             timestamps.extend(range(len(history) + 1))
+        require_events(path, len(users) - events_before)
     return build_interaction_data(NAME, users, items, behaviors, timestamps, BEHAVIORS, {}, target_behavior="buy")

@@ -11,7 +11,7 @@ import os
 
 from .interactions import build_interaction_data
 from .paths import dataset_dir
-from .textio import line_error, parse_number, read_lines, split_fields
+from .textio import line_error, parse_number, read_lines, require_events, split_fields
 
 NAME = "taobao-ecomm-cikm2019"
 BEHAVIORS = ("click", "fav", "cart", "buy")  # file codes 1, 2, 3, 4
@@ -38,6 +38,7 @@ def read_taobao_folder(folder, max_lines: int | None = None, name: str = NAME):
         items.append(item)
         behaviors.append(code - 1)
         timestamps.append(_date_seconds(events_path, number, date))
+    require_events(events_path, len(users))
     wanted = set(items)
     return build_interaction_data(name, users, items, behaviors, timestamps, BEHAVIORS,
                                   _read_item_features(os.path.join(folder, ITEMS_FILE), wanted),
