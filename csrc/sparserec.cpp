@@ -12,6 +12,29 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(sparserec, m) {
+  // Linear block compression (SPEC §1, cmp): out[i] = sum_r (x[i*stride + r] + pe[r]) @ weight[r] per
+  // kv head and sequence. x (T_total, Hkv, D), weight (Hkv, block, D, D), pe (Hkv, block, D); cu_cmp
+  // the compressed offsets; num_blocks = cu_cmp[-1] (the output's row count, so shapes need no data).
+  m.def(
+      "jsa_compress(Tensor x, Tensor weight, Tensor pe, Tensor cu_seqlens, Tensor cu_cmp, int block, int stride, "
+      "int num_blocks) -> Tensor");
+  // Returns (grad_x, grad_weight, grad_pe).
+  m.def(
+      "jsa_compress_backward(Tensor grad, Tensor x, Tensor weight, Tensor pe, Tensor cu_seqlens, Tensor cu_cmp, "
+      "int block, int stride) -> (Tensor, Tensor, Tensor)");
+  // Fused JSA (SPEC §1): cmp, top-N selection, slc, jrn, win and the gated sum. Returns out (T_total, H, D),
+  // lse (T_total, H, 4) per branch log-sum-exp (+inf: no visible key) and selection (T_total, Hkv, top_n)
+  // int64, each token's selected blocks (ascending, -1 padded); the backward takes both back.
+  m.def(
+      "jsa_attention(Tensor q, Tensor k, Tensor v, Tensor k_cmp, Tensor v_cmp, Tensor gates, Tensor anchor_mask, "
+      "Tensor cu_seqlens, Tensor cu_cmp, int block, int stride, int select_block, int top_n, int select_q_block, "
+      "int window, bool causal) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v, grad_k_cmp, grad_v_cmp, grad_gates).
+  m.def(
+      "jsa_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor k_cmp, Tensor v_cmp, "
+      "Tensor gates, Tensor anchor_mask, Tensor cu_seqlens, Tensor cu_cmp, Tensor lse, Tensor selection, int block, "
+      "int stride, int select_block, int top_n, int select_q_block, int window, bool causal) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Top-N intra-journey block selection (SPEC §1, slc). p_cmp: (T_total, H, C) cmp-branch softmax
   // probabilities over each sequence's own compressed blocks (columns past a sequence's count are
   // ignored). Returns (T_total, Hkv, top_n) int64: for each token, the selection blocks chosen for

@@ -29,10 +29,26 @@ def _compiled_select_attention(*args, config, **kwargs):
     return reference.jsa_attention(*args, config=config, select_fn=jsa_select, **kwargs)
 
 
+def _fused_cpu_unsupported(device, dtype):
+    if device.type != "cpu":
+        return f"needs CPU tensors, got {device.type}"
+    if dtype not in (torch.float32, torch.float64):
+        return f"the fused C++ kernels support float32 and float64, got {dtype}"
+    return None
+
+
+def _fused_cpu(entry):
+    def call(*args, **kwargs):
+        from . import fused_cpu
+
+        return getattr(fused_cpu, entry)(*args, **kwargs)
+    return call
+
+
 register_backend(Backend("reference", _always, _any_device, reference.jsa_attention, reference.jsa_compress))
 register_backend(Backend(
-    "cpp", lambda: None if has_extension() else EXTENSION_ERROR, _device_only("cpu"),
-    _compiled_select_attention, reference.jsa_compress))
+    "cpp", lambda: None if has_extension() else EXTENSION_ERROR, _fused_cpu_unsupported,
+    _fused_cpu("attention"), _fused_cpu("compress")))
 register_backend(Backend(
     "cuda",
     lambda: None if has_cuda_kernels() else (EXTENSION_ERROR or "sparserec._C was built without CUDA"),

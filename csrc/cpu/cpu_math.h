@@ -1,0 +1,98 @@
+// Math shared by the fused CPU JSA kernels: a row-major GEMM on the BLAS that libtorch already
+// carries, and an exponential that vectorises.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+// x86-64 builds of torch export MKL's Fortran BLAS; declared weak so the extension still loads
+// against a torch without them (then the GEMM goes through at::mm, slower but correct).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+// Hot row loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time, so the
+// package needs no -march flag and runs on any x86-64 machine.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPARSEREC_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SPARSEREC_VECTOR_CLONES
+#endif
+
+namespace sparserec {
+namespace cpu {
+
+template <typename T>
+at::ScalarType scalar_type_of();
+template <>
+inline at::ScalarType scalar_type_of<float>() { return at::kFloat; }
+template <>
+inline at::ScalarType scalar_type_of<double>() { return at::kDouble; }
+
+// C (m x n, row stride ldc) = alpha * op(A) @ op(B) + beta * C, all row-major: op(A) is m x k
+// (A stored k x m when trans_a), op(B) is k x n (B stored n x k when trans_b). beta == 0 ignores C.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+  const int ilda = static_cast<int>(std::max<int64_t>(ldb, 1)), ildb = static_cast<int>(std::max<int64_t>(lda, 1));
+  const int ildc = static_cast<int>(std::max<int64_t>(ldc, 1));
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) return sgemm_(&tb, &ta, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+  } else {
+    if (dgemm_) return dgemm_(&tb, &ta, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+  }
+  const auto options = at::TensorOptions().dtype(scalar_type_of<T>());
+  auto view = [&](const T* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+    at::Tensor t = at::from_blob(const_cast<T*>(p), trans ? at::IntArrayRef{cols, rows} : at::IntArrayRef{rows, cols},
+                                 {ld, 1}, options);
+    return trans ? t.t() : t;
+  };
+  at::Tensor product = at::mm(view(a, trans_a, m, k, lda), view(b, trans_b, k, n, ldb)).mul_(alpha);
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  if (beta == T(0)) {
+    out.copy_(product);
+  } else {
+    out.mul_(beta).add_(product);
+  }
+}
+
+// exp(x) for x <= 0 to about 2 ulp (Cephes' expf polynomial): plain arithmetic, so loops that call it
+// vectorise. Inputs below -87 return ~1e-38 instead of a denormal; callers mask excluded keys.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+}  // namespace cpu
+}  // namespace sparserec
