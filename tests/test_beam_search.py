@@ -10,7 +10,7 @@ import sparserec.ops.trie as ops_trie
 from sparserec.generate import Trie, beam_search
 
 needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and ops_trie._compiled_kernel_serves(torch.device("cuda"))),
+    not (torch.cuda.is_available() and ops_trie._compiled_kernel_serves("trie_beam_step", torch.device("cuda"))),
     reason="needs a CUDA device and sparserec._C built with CUDA")
 
 
@@ -174,7 +174,7 @@ def test_normalize_scores_are_constrained_probabilities():
 def test_fallback_without_kernels_gives_the_same_result(monkeypatch):
     paths = random_paths(500, 3, 10, seed=14)
     _, items, scores = run(paths, 3, 12, seed=14)
-    monkeypatch.setattr(ops_trie, "_compiled_kernel_serves", lambda device: False)
+    monkeypatch.setattr(ops_trie, "_compiled_kernel_serves", lambda op, device: False)
     _, items_fallback, scores_fallback = run(paths, 3, 12, seed=14)
     assert torch.equal(items, items_fallback) and torch.equal(scores, scores_fallback)
 
@@ -188,6 +188,8 @@ def test_bad_arguments():
         beam_search(model, [[0, 1]], 1, 2)
     with pytest.raises(ValueError, match="beam_size must be a positive int"):
         beam_search(model, trie, 1, 0)
+    with pytest.raises(ValueError, match="beam_size=1000000000 is larger than the trie's 2 items"):
+        beam_search(model, trie, 1, 10**9)  # refused before allocating (B, 10**9) scores
     with pytest.raises(ValueError, match=r"\(B\*K, V\) or \(B, K, V\) with B\*K = 4"):
         beam_search(model, trie, 2, 2)  # the model was made for batch 1
     with pytest.raises(ValueError, match="prefix_tokens must be distinct"):

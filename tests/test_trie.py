@@ -17,7 +17,7 @@ from sparserec.reference.trie import trie_beam_step as reference_step
 
 needs_extension = pytest.mark.skipif(not has_extension(), reason=f"sparserec._C is not built: {EXTENSION_ERROR}")
 needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and ops_trie._compiled_kernel_serves(torch.device("cuda"))),
+    not (torch.cuda.is_available() and ops_trie._compiled_kernel_serves("trie_beam_step", torch.device("cuda"))),
     reason="needs a CUDA device and sparserec._C built with CUDA")
 NEG_INF = float("-inf")
 
@@ -112,7 +112,7 @@ def test_bad_paths(builder, monkeypatch):
     if builder == "compiled" and not has_extension():
         pytest.skip(f"sparserec._C is not built: {EXTENSION_ERROR}")
     if builder == "twin":
-        monkeypatch.setattr("sparserec.generate.trie.has_extension", lambda: False)
+        monkeypatch.setattr(ops_trie, "_compiled_kernel_serves", lambda op, device: False)
     with pytest.raises(ValueError, match="items 0 and 2 have the same path"):
         Trie([[1, 2], [0, 0], [1, 2]])
     with pytest.raises(ValueError, match="non-negative token ids, got -3 at item 1, level 0"):
@@ -215,7 +215,7 @@ def test_cpu_kernel_equals_reference(num_items, depth, codes, batch, beams, beam
 def test_fallback_without_kernels_equals_reference(monkeypatch):
     trie = Trie(random_paths(300, 3, 9, seed=2))
     args = random_step_inputs(trie, batch=2, beams=5, seed=2)
-    monkeypatch.setattr(ops_trie, "_compiled_kernel_serves", lambda device: False)
+    monkeypatch.setattr(ops_trie, "_compiled_kernel_serves", lambda op, device: False)
     for a, b in zip(trie_beam_step(*args, trie, 6), reference_step(*args, trie.child_ptr, trie.node_token, 6)):
         assert torch.equal(a, b)
 
@@ -328,3 +328,156 @@ def test_cuda_step_is_graph_capturable():
     torch.cuda.synchronize()
     for a, b in zip(captured, expected):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------- arrays from outside the builder
+
+ARRAY_NAMES = ("child_ptr", "node_token", "leaf_item", "level_start")
+
+
+def arrays_of(trie):
+    return [getattr(trie, name).clone() for name in ARRAY_NAMES]
+
+
+def test_from_arrays_accepts_every_built_trie():
+    for seed, (num_items, depth, codes) in enumerate([(1, 1, 3), (5, 1, 9), (60, 3, 4), (400, 4, 7)]):
+        trie = Trie(random_paths(num_items, depth, codes, seed))
+        again = Trie.from_arrays(*arrays_of(trie))
+        assert (again.depth, again.num_items, again.max_fanout) == (trie.depth, trie.num_items, trie.max_fanout)
+
+
+@pytest.mark.parametrize("name,index,value,message", [
+    ("child_ptr", 0, 2, "children of level 0"),
+    ("child_ptr", 3, 10**12, "non-decreasing"),
+    ("child_ptr", 3, -7, "non-decreasing"),
+    ("child_ptr", -1, 99, "children of level"),
+    ("node_token", 0, 5, "the root"),
+    ("node_token", 2, -4, "non-negative"),
+    ("node_token", 2, 0, "ascending order"),
+    ("leaf_item", 0, 1, "permutation"),
+    ("leaf_item", 0, -1, "permutation"),
+    ("level_start", 1, 2, "start 0, 1"),
+    ("level_start", 2, 1, "strictly increasing"),
+])
+def test_from_arrays_names_the_broken_invariant(name, index, value, message):
+    trie = Trie([[0, 1], [0, 2], [1, 0], [2, 2]])  # node 1 has children 4, 5 (tokens 1, 2)
+    arrays = dict(zip(ARRAY_NAMES, arrays_of(trie)))
+    arrays[name][index] = value
+    with pytest.raises(ValueError, match=message):
+        Trie.from_arrays(*arrays.values())
+
+
+def test_from_arrays_checks_types_and_shapes():
+    trie = Trie([[0, 1], [1, 2]])
+    arrays = arrays_of(trie)
+    with pytest.raises(TypeError, match="child_ptr must be int64"):
+        Trie.from_arrays(arrays[0].int(), *arrays[1:])
+    with pytest.raises(TypeError, match="node_token must be a torch.Tensor"):
+        Trie.from_arrays(arrays[0], arrays[1].tolist(), *arrays[2:])
+    with pytest.raises(ValueError, match="leaf_item must be 1-D"):
+        Trie.from_arrays(*arrays[:2], arrays[2][None], arrays[3])
+    with pytest.raises(ValueError, match="child_ptr must hold num_nodes"):
+        Trie.from_arrays(arrays[0][:-1], *arrays[1:])
+    with pytest.raises(ValueError, match="level_start must hold depth"):
+        Trie.from_arrays(*arrays[:3], arrays[3][:2])
+    with pytest.raises(ValueError, match="one item per leaf"):
+        Trie.from_arrays(*arrays[:2], arrays[2][:1], arrays[3])
+
+
+@settings(max_examples=200, deadline=None)
+@given(num_items=st.integers(1, 60), depth=st.integers(1, 3), codes=st.integers(1, 6), seed=st.integers(0, 2**16),
+       edits=st.lists(st.tuples(st.sampled_from(ARRAY_NAMES), st.integers(0, 10**6), st.integers(-3, 80)),
+                      min_size=1, max_size=3))
+def test_corrupted_arrays_are_refused_or_safe(num_items, depth, codes, seed, edits):
+    """Random edits of a valid trie's arrays: either a ValueError, or a trie on which every item
+    path still leads to its leaf and the step runs (compiled equal to the reference)."""
+    trie = Trie(random_paths(num_items, depth, codes, seed))
+    arrays = dict(zip(ARRAY_NAMES, arrays_of(trie)))
+    for name, index, value in edits:
+        arrays[name][index % arrays[name].numel()] = value
+    try:
+        edited = Trie.from_arrays(*arrays.values())
+    except ValueError:
+        return
+    # Accepted: the arrays are a valid trie (possibly of other paths); walk every leaf back up.
+    for leaf in range(edited.first_leaf, edited.num_nodes):
+        walk(edited, _path_to(edited, leaf))
+    args = random_step_inputs(edited, batch=2, beams=3, seed=seed)
+    result = trie_beam_step(*args, edited, 4)
+    expected = reference_step(*args, edited.child_ptr, edited.node_token, 4)
+    for a, b in zip(result, expected):
+        assert torch.equal(a, b)
+
+
+def _path_to(trie, node):
+    """The tokens from the root to `node`, found by searching each parent's run."""
+    path = []
+    while node != 0:
+        parent = int(torch.searchsorted(trie.child_ptr, torch.tensor(node), right=True)) - 1
+        assert trie.child_ptr[parent] <= node < trie.child_ptr[parent + 1]
+        path.append(int(trie.node_token[node]))
+        node = parent
+    return path[::-1]
+
+
+@needs_extension
+@settings(max_examples=200, deadline=None)
+@given(num_nodes=st.integers(1, 12), vocab=st.integers(1, 6), beams=st.integers(1, 4), beam_size=st.integers(1, 6),
+       normalize=st.booleans(), seed=st.integers(0, 2**16))
+def test_raw_kernel_never_reads_out_of_bounds(num_nodes, vocab, beams, beam_size, normalize, seed):
+    """Arbitrary CSR arrays straight into the raw op (no Trie checks): no crash, and the result
+    equals the reference, which drops child runs outside [0, num_nodes] the same way."""
+    gen = torch.Generator().manual_seed(seed)
+    child_ptr = torch.randint(-3, num_nodes + 4, (num_nodes + 1,), generator=gen)
+    node_token = torch.randint(-2, vocab + 2, (num_nodes,), generator=gen)
+    log_probs = torch.randn(2, beams, vocab, generator=gen)
+    scores = torch.zeros(2, beams)
+    nodes = torch.randint(-1, num_nodes + 2, (2, beams), generator=gen)
+    compiled = torch.ops.sparserec.trie_beam_step(log_probs, scores, nodes, child_ptr, node_token, beam_size,
+                                                  normalize)
+    expected = reference_step(log_probs, scores, nodes, child_ptr, node_token, beam_size, normalize,
+                              max_fanout=num_nodes + 8)
+    torch.testing.assert_close(compiled[0], expected[0])
+    for a, b in zip(compiled[1:], expected[1:]):
+        assert torch.equal(a, b)
+
+
+def test_load_names_a_broken_file(tmp_path):
+    trie = Trie(random_paths(50, 3, 5, seed=9))
+    path = tmp_path / "trie.pt"
+    trie.save(path)
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+    with pytest.raises(ValueError, match=f"{path} cannot be read as a trie"):
+        Trie.load(path)
+    with pytest.raises(ValueError, match="trie file not found"):
+        Trie.load(tmp_path / "missing.pt")
+    torch.save({"child_ptr": trie.child_ptr}, path)
+    with pytest.raises(ValueError, match="is not a saved Trie"):
+        Trie.load(path)
+    arrays = {name: getattr(trie, name).clone() for name in ARRAY_NAMES}
+    arrays["child_ptr"][2] = 10**9  # what used to segfault the C++ step
+    torch.save(arrays, path)
+    with pytest.raises(ValueError, match=f"{path}: child_ptr must be non-decreasing"):
+        Trie.load(path)
+
+
+def test_misleading_messages_fixed():
+    with pytest.raises(ValueError, match="at least one item"):
+        Trie([])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Trie([[0, 1]], device="cuda")
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        Trie([[0, 1]], device="tpu9")
+
+
+def test_huge_beam_size_is_refused_before_allocating():
+    trie = Trie(random_paths(50, 2, 9, seed=1))
+    log_probs, scores, nodes = torch.zeros(1, 2, trie.vocab_size), torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"beam_size=1000000000 is larger than the trie's {trie.num_items} items"):
+        trie_beam_step(log_probs, scores, nodes, trie, 10**9)
+    assert trie_beam_step(log_probs, scores, nodes, trie, ops_trie.MAX_PADDED_BEAMS)[0].shape == (1, 1024)
+    if has_extension():
+        with pytest.raises(ValueError, match="beam_size=1000000000 is larger"):
+            torch.ops.sparserec.trie_beam_step(log_probs, scores, nodes, trie.child_ptr, trie.node_token, 10**9, False)

@@ -76,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> trie_beam_step_cpu(
         const int64_t parent_node = node[row * beams + beam];
         if (!(base > kNegInf) || parent_node < 0 || parent_node >= num_nodes) continue;
         const int64_t first = children[parent_node], last = children[parent_node + 1];
+        if (first < 0 || last < first || last > num_nodes) continue;  // arrays not from a checked Trie
         const float* lp = log_prob + (row * beams + beam) * vocab;
         float log_normalizer = 0.f;
         if (normalize) {  // log-sum-exp over the valid children

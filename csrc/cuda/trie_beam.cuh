@@ -123,9 +123,11 @@ __global__ void __launch_bounds__(kThreads) trie_beam_step_kernel(
     if (score > neg_inf && node >= 0 && node < num_nodes) {
       first = child_ptr[node];
       // A valid node has at most V children (distinct tokens below V); the clamp keeps a
-      // malformed trie from overflowing the 32-bit candidate numbering.
+      // malformed trie from overflowing the 32-bit candidate numbering, and a run outside the
+      // node array (arrays given to the raw op unchecked) counts as no children.
       count = child_ptr[node + 1] - first;
       count = count < vocab ? count : vocab;
+      if (first < 0 || count < 0 || first > num_nodes - count) first = count = 0;
     }
     float normalizer = 0.f;
     if (normalize && count > 0) {

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..ops.trie import trie_beam_step
+from ..ops.trie import MAX_PADDED_BEAMS, max_beam_size, trie_beam_step
 from .trie import Trie
 
 # step_fn(tokens, parent_rows) -> log_probs; see beam_search.
@@ -45,6 +45,9 @@ def beam_search(step_fn: StepFn, trie: Trie, batch_size: int, beam_size: int, *,
     for name, value in (("batch_size", batch_size), ("beam_size", beam_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if beam_size > max_beam_size(trie):
+        raise ValueError(f"beam_size={beam_size} is larger than the trie's {trie.num_items} items and than "
+                         f"{MAX_PADDED_BEAMS}: a beam search cannot find more items than the trie holds")
     device = trie.device
     steps = [trie] * trie.depth
     if prefix_tokens is not None:
