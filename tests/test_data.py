@@ -472,3 +472,153 @@ def test_real_retail_slice(tmp_path):
 def test_real_datasets_match_their_source_notes(name, users, items, interactions):
     data = load_dataset(name, root=SHARED_DATA, dedup=False, min_user_interactions=0, min_item_interactions=0)
     assert (data.num_users, data.num_items, data.num_interactions) == (users, items, interactions)
+
+
+# ---- broken files: every failure is a ValueError naming the file (and line) --------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sparserec.data import data_fingerprint, fingerprint_changes  # noqa: E402
+from sparserec.data.textio import read_lines  # noqa: E402
+
+GENERIC_EVENTS = tsv(("user", "item", "behavior", "timestamp"), ("u1", "a", "click", 1), ("u1", "b", "buy", 2),
+                     ("u2", "a", "buy", 3))
+
+
+def test_truncated_gzip_names_file_and_line(tmp_path):
+    path = str(tmp_path / "interactions.tsv.gz")
+    content = gzip.compress("".join(f"u{i}\ti{i}\tclick\t{i}\n" for i in range(20000)).encode())
+    open(path, "wb").write(content[: len(content) // 2])
+    with pytest.raises(ValueError, match=re.escape(path) + r", line \d+: truncated or corrupt gzip"):
+        list(read_lines(path))
+
+
+def test_plain_file_named_gz(tmp_path):
+    path = str(tmp_path / "interactions.tsv.gz")
+    open(path, "w").write("\n".join(GENERIC_EVENTS) + "\n")
+    with raises_at(path, 1) as error:
+        load_generic(str(tmp_path))
+    assert "not a gzip file" in str(error.value)
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    path = str(tmp_path / "interactions.tsv")
+    lines = [line.encode() for line in GENERIC_EVENTS]
+    lines[2] = b"u1\tb\xe9\tbuy\t2"  # Latin-1 "é"
+    open(path, "wb").write(b"\n".join(lines) + b"\n")
+    with raises_at(path, 3) as error:
+        load_generic(str(tmp_path))
+    assert "not UTF-8" in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["interactions.tsv", "interactions.tsv.gz"])
+def test_utf8_bom_is_stripped(tmp_path, name):
+    path = str(tmp_path / name)
+    content = ("\ufeff" + "\n".join(GENERIC_EVENTS) + "\n").encode()
+    open(path, "wb").write(gzip.compress(content) if name.endswith(".gz") else content)
+    data = load_generic(str(tmp_path))
+    assert data.num_interactions == 3 and data.user_ids == ("u1", "u2")
+
+
+def test_header_only_and_empty_files(tmp_path):
+    path = write_lines(tmp_path / "interactions.tsv", GENERIC_EVENTS[:1])
+    with pytest.raises(ValueError, match=re.escape(path) + ": no events"):
+        load_generic(str(tmp_path))
+    write_lines(tmp_path / "interactions.tsv", [])
+    with raises_at(path, 1) as error:
+        load_generic(str(tmp_path))
+    assert "empty" in str(error.value)
+    events_path, _ = make_taobao(tmp_path, events=[])
+    with pytest.raises(ValueError, match=re.escape(events_path) + ": no events"):
+        load_taobao(tmp_path)
+
+
+def test_both_plain_and_gzip_files_are_refused(tmp_path):
+    write_lines(tmp_path / "interactions.tsv", GENERIC_EVENTS)
+    write_lines(tmp_path / "interactions.tsv.gz", GENERIC_EVENTS[:2])
+    with pytest.raises(ValueError, match="both interactions.tsv and interactions.tsv.gz"):
+        load_generic(str(tmp_path))
+
+
+def test_max_lines_and_filtered_to_nothing(tmp_path):
+    write_lines(tmp_path / "interactions.tsv", GENERIC_EVENTS)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_lines must be a positive number"):
+            load_dataset(str(tmp_path), max_lines=bad)
+    with pytest.raises(ValueError, match="no events are left after filtering"):
+        load_dataset(str(tmp_path), min_user_interactions=5)
+
+
+def test_loaded_data_records_its_files_and_fingerprint_changes(tmp_path):
+    write_lines(tmp_path / "interactions.tsv", GENERIC_EVENTS)
+    before = data_fingerprint(load_dataset(str(tmp_path)))
+    assert [os.path.basename(f["path"]) for f in before["files"]] == ["interactions.tsv"]
+    assert fingerprint_changes(before, before) == []
+    write_lines(tmp_path / "interactions.tsv", GENERIC_EVENTS[:1] + [GENERIC_EVENTS[2], GENERIC_EVENTS[1]])
+    changes = fingerprint_changes(before, data_fingerprint(load_dataset(str(tmp_path))))
+    # Same events in another file order: the item vocabulary (numbered by first appearance) changed.
+    assert any("interactions.tsv changed" in c for c in changes)
+    assert "the item vocabulary (item ids or their order) changed" in changes
+
+
+def _corrupt(content: bytes, data) -> bytes:
+    """One random corruption of a file's bytes: cut, flip bytes, insert junk, or drop lines."""
+    kind = data.draw(st.sampled_from(["cut", "flip", "insert", "lines", "none"]))
+    if kind == "cut":
+        return content[: data.draw(st.integers(0, len(content)))]
+    if kind == "flip":
+        raw = bytearray(content)
+        for _ in range(data.draw(st.integers(1, 4))):
+            if raw:
+                raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        return bytes(raw)
+    if kind == "insert":
+        at = data.draw(st.integers(0, len(content)))
+        return content[:at] + data.draw(st.binary(max_size=12)) + content[at:]
+    if kind == "lines":
+        lines = content.split(b"\n")
+        keep = data.draw(st.lists(st.booleans(), min_size=len(lines), max_size=len(lines)))
+        return b"\n".join(line for line, k in zip(lines, keep) if k)
+    return content
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), gz=st.booleans(), with_items=st.booleans())
+def test_malformed_generic_folders_raise_value_errors_naming_the_file(tmp_path_factory, data, gz, with_items):
+    """Random corruptions of a valid generic folder load or raise ValueError naming the file."""
+    folder = tmp_path_factory.mktemp("generic")
+    events = ("\n".join(GENERIC_EVENTS) + "\n").encode()
+    items = ("\n".join(tsv(("item", "product_type", "price"), ("a", "x", 1.5), ("b", "", ""))) + "\n").encode()
+    files = {"interactions.tsv": _corrupt(events, data)}
+    if with_items:
+        files["items.tsv"] = _corrupt(items, data)
+    for name, content in files.items():
+        if gz and data.draw(st.booleans()):  # a gzip file, itself possibly cut
+            compressed = gzip.compress(content)
+            content = compressed[: data.draw(st.integers(0, len(compressed)))] if data.draw(st.booleans()) else compressed
+            name += ".gz"
+        (folder / name).write_bytes(content)
+    try:
+        loaded = load_dataset(str(folder))
+    except ValueError as error:
+        assert str(folder) in str(error) or "no events are left" in str(error), str(error)
+    else:
+        assert loaded.num_interactions > 0 and loaded.num_items > 0
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), which=st.sampled_from(["events", "items"]))
+def test_malformed_taobao_files_raise_value_errors_naming_the_file(tmp_path_factory, data, which):
+    root = tmp_path_factory.mktemp("taobao")
+    events_path, items_path = make_taobao(root)
+    path = events_path if which == "events" else items_path
+    content = open(path, "rb").read()
+    if data.draw(st.booleans()):  # corrupt the compressed bytes
+        open(path, "wb").write(_corrupt(content, data))
+    else:  # corrupt the text inside a valid gzip
+        open(path, "wb").write(gzip.compress(_corrupt(gzip.decompress(content), data)))
+    try:
+        load_dataset("taobao-ecomm-cikm2019", root=root)
+    except ValueError as error:
+        assert path in str(error) or "no events are left" in str(error), str(error)
