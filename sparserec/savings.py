@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .flops import jsa_flops
 from .generate import Trie
@@ -92,16 +93,17 @@ def median_ms(function, repeats: int) -> float:
 
 
 @torch.no_grad()
-def measure(jsa_model: GRACE, batches, trie: Trie | None = None, beam_size: int = 20, repeats: int = 5):
+def measure(jsa_model: GRACE, batches, trie: Trie | None = None, beam_size: int = 20, repeats: int = 5,
+            progress: bool = True):
     """SavingsRow per (label, PackedHistories) in `batches`; with a trie, also the per-user
-    recommend latency on the first history of each batch."""
+    recommend latency on the first history of each batch. progress: a bar over the batches."""
     if jsa_model.config.attention != "jsa":
         raise ValueError("measure() compares a JSA model against dense; got a dense model")
     device = next(jsa_model.parameters()).device
     dense_model = GRACE(dataclasses.replace(jsa_model.config, attention="dense", disabled_branches=())).to(device)
     models = {"jsa": jsa_model.eval(), "dense": dense_model.eval()}
     rows = []
-    for label, packed in batches:
+    for label, packed in tqdm(batches, desc="bench", disable=not progress):
         packed = PackedHistories(*(tensor.to(device) for tensor in packed))
         sequences = len(packed.cu_seqlens) - 1
         latency, recommend_latency = {}, {}
