@@ -10,20 +10,94 @@ bench      JSA vs dense encoder savings (FLOPs, latency) at the dataset's and lo
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 import torch
 
-from . import savings
-from .data import dataset_statistics, format_statistics
+from . import runs, savings
+from .data import DATASET_NAMES, dataset_statistics, format_statistics
 from .generate import Trie
+from .ops.trie import MAX_PADDED_BEAMS
 from .models import recommend as recommend_items
-from .pipeline import MODELS, baselines, build_model, evaluate, fit, load_run, prepare, save_run, subsample
+from .pipeline import (GRACE_PRESETS, MODELS, TRAIN_DEFAULTS, baselines, build_model, evaluate, fit, load_run, prepare,
+                       save_run, subsample)
 from .reference.jsa import BRANCHES
 from .tokenize import EMBEDDING_KINDS, TokenizerConfig
 from .train import TrainConfig, init_distributed, seed_everything, shutdown_distributed
+
+
+# The largest K of the reported metrics (HR@10, NDCG@10): a beam must hold at least this many items.
+LARGEST_K = 10
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every option's default (unless its help states it, or it is a flag), and the
+    description as written."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or "") or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def length_list(text: str) -> list:
+    """--lengths: comma-separated positive interaction counts."""
+    try:
+        lengths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 128,512, got {text!r}") from None
+    if any(length < 1 for length in lengths):
+        raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
+    return lengths
+
+
+def _check_arguments(parser, args) -> None:
+    """Checks that tie options together, before any work; a failure exits with a one-line message."""
+    def fail(message):
+        parser.exit(2, f"{parser.prog} {args.command}: error: {message}\n")
+
+    if getattr(args, "beam", None) is not None and args.command in ("train", "evaluate") and args.beam < LARGEST_K:
+        fail(f"--beam ({args.beam}) must be at least {LARGEST_K}: the metrics rank the top {LARGEST_K} "
+                     "items of the beam")
+    if args.command == "train":
+        fixed_head_dim = args.model == "grace" and GRACE_PRESETS[args.preset]["model"].get("head_dim")
+        if args.d_model % args.heads and not fixed_head_dim:
+            fail(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
+        if args.resume and args.overwrite:
+            fail("--resume and --overwrite exclude each other")
+        if args.disable_branch and args.attention != "jsa":
+            fail("--disable-branch applies to --attention jsa only")
+        if len(set(args.disable_branch)) == len(BRANCHES):
+            fail("--disable-branch: disabling all four branches leaves the encoder no attention")
 
 
 def _dataset_arguments(parser):
@@ -31,47 +105,92 @@ def _dataset_arguments(parser):
                         help="embedded, taobao-ecomm-cikm2019, amazon-beauty, mbht-retail, or a generic-format folder")
     parser.add_argument("--root", default=None, help="folder holding the named datasets (default: $SPARSEREC_DATA "
                                                      "or ../shared/data)")
-    parser.add_argument("--max-lines", type=int, default=None, help="read at most this many lines per file")
+    parser.add_argument("--max-lines", type=positive_int, default=None,
+                        help="read at most this many lines per file (default: all)")
     parser.add_argument("--embedding", choices=EMBEDDING_KINDS, default="collab", help="item embeddings for the RQ-VAE")
     parser.add_argument("--full-tokenizer", action="store_true",
                         help="train the RQ-VAE with its full budget (default: the fast setting)")
     parser.add_argument("--cache", default=os.path.join(".cache", "sparserec"), help="tokenizer cache folder")
     parser.add_argument("--no-cot", action="store_true", help="drop the CoT tokens (product type, price, brand)")
+    parser.add_argument("--keep-constant-slots", action="store_true",
+                        help="keep token slots that are constant on this dataset (a single behavior, no prices)")
 
 
 def _train_arguments(parser):
-    parser.add_argument("--model", choices=MODELS, default="grace")
+    parser.add_argument("--model", choices=MODELS, default="grace", help="the recommender to train")
     parser.add_argument("--attention", choices=("jsa", "dense"), default="jsa", help="GRACE encoder attention")
     parser.add_argument("--disable-branch", action="append", choices=BRANCHES, default=[],
                         help="JSA branch whose gate is fixed to 0 (ablation; repeatable)")
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers (each)")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--patience", type=int, default=0, help="validations without improvement before stopping")
-    parser.add_argument("--valid-users", type=int, default=512, help="validation users drawn for early stopping")
-    parser.add_argument("--test-users", type=int, default=None,
+    # Options whose default depends on --model (pipeline.TRAIN_DEFAULTS) are filled in by _model_defaults.
+    per_model = dict(default=argparse.SUPPRESS)
+    parser.add_argument("--d-model", type=positive_int, **per_model,
+                        help="model width (a multiple of --heads; default: per model, grace 128, sasrec 128)")
+    parser.add_argument("--heads", type=positive_int, **per_model, help="attention heads (default: grace 4, sasrec 4)")
+    parser.add_argument("--layers", type=positive_int, **per_model,
+                        help="encoder and decoder layers, each (default: grace 2, sasrec 2)")
+    parser.add_argument("--steps", type=positive_int, **per_model,
+                        help="training steps (batches; default: grace 2000, sasrec 5250 = 15 Beauty epochs)")
+    parser.add_argument("--batch-size", type=positive_int, **per_model, help="training examples per step (default: 64)")
+    parser.add_argument("--lr", type=positive_float, **per_model, help="peak learning rate (AdamW; default: 1e-3)")
+    parser.add_argument("--warmup", type=non_negative_int, **per_model, help="linear warmup steps (default: 100)")
+    parser.add_argument("--eval-every", type=non_negative_int, **per_model,
+                        help="steps between validations (0: only at the end; default: grace 500, sasrec 350)")
+    parser.add_argument("--dropout", type=float, **per_model, help="dropout (default: grace 0.1, sasrec 0.2)")
+    parser.add_argument("--head", choices=("tied", "untied"), default="tied",
+                        help="SASRec output head: the item embedding (tied) or its own matrix")
+    parser.add_argument("--preset", choices=("small", "tiger"), default="small",
+                        help="GRACE shape and schedule (pipeline.GRACE_PRESETS); --d-model/--heads/--layers override")
+    parser.add_argument("--max-history", type=positive_int, default=None,
+                        help="GRACE: keep each user's most recent N interactions (default: the preset's)")
+    parser.add_argument("--mask-history", action="store_true",
+                        help="rank without the user's own past items (S3-Rec full-sort convention; default: off)")
+    parser.add_argument("--patience", type=non_negative_int, default=0,
+                        help="validations without improvement before stopping (0: never stop early)")
+    parser.add_argument("--valid-users", type=positive_int, **per_model,
+                        help="validation users drawn for early stopping (default: grace 512, sasrec all)")
+    parser.add_argument("--test-users", type=positive_int, default=None,
                         help="evaluate on this many test users drawn with a fixed seed (default: all)")
-    parser.add_argument("--beam", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beam", type=positive_int, default=20,
+                        help=f"beam size of the constrained generation (at least {LARGEST_K}, the largest K)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, data order and sampling")
     parser.add_argument("--out", default=os.path.join("runs", "latest"), help="run directory to write")
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=100,
+                        help="steps between checkpoints in --out (0: only at validations and the end)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the checkpoint in --out (same options and data only)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in --out (by default an existing run is refused)")
 
 
 def _prepared(args, progress=True):
     config = TokenizerConfig(embedding=args.embedding) if args.full_tokenizer else TokenizerConfig.fast(
         embedding=args.embedding)
-    return prepare(args.dataset, args.root, args.max_lines, config, args.cache, cot=not args.no_cot, progress=progress)
+    return prepare(args.dataset, args.root, args.max_lines, config, args.cache, cot=not args.no_cot, progress=progress,
+                   tokenize=getattr(args, "model", "grace") != "sasrec", drop_constant=not args.keep_constant_slots)
+
+
+def _model_defaults(args) -> None:
+    """Fills the per-model options the command line left out (pipeline.TRAIN_DEFAULTS, GRACE presets)."""
+    if args.command != "train":
+        return
+    defaults = dict(TRAIN_DEFAULTS[args.model])
+    if args.model == "grace":
+        defaults.update(GRACE_PRESETS[args.preset]["train"])
+    for name, value in defaults.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
 
 
 def _model_options(args) -> dict:
     if args.model == "sasrec":
-        return dict(d_model=args.d_model, num_heads=args.heads, layers=args.layers)
-    return dict(d_model=args.d_model, num_heads=args.heads, encoder_layers=args.layers, decoder_layers=args.layers,
-                d_ff=4 * args.d_model, attention=args.attention, disabled_branches=tuple(args.disable_branch))
+        return dict(d_model=args.d_model, num_heads=args.heads, layers=args.layers, dropout=args.dropout,
+                    head=args.head)
+    options = dict(GRACE_PRESETS[args.preset]["model"], d_model=args.d_model, num_heads=args.heads,
+                   encoder_layers=args.layers, decoder_layers=args.layers, dropout=args.dropout,
+                   attention=args.attention, disabled_branches=tuple(args.disable_branch))
+    if args.max_history is not None:
+        options["max_history"] = args.max_history
+    return options
 
 
 def format_metrics(results: dict) -> str:
@@ -85,23 +204,43 @@ def format_metrics(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _train_and_evaluate(args, prepared):
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # torchrun's rank; rank 0 owns the run directory
+
+
+def _absolute_dataset(args) -> None:
+    """A run records where its data is: a folder (generic dataset, --root) as an absolute path."""
+    if args.dataset not in DATASET_NAMES and os.path.isdir(args.dataset):
+        args.dataset = os.path.abspath(args.dataset)
+    if args.root is not None:
+        args.root = os.path.abspath(args.root)
+
+
+def _train_and_evaluate(args, prepared, saved_run=None):
+    """saved_run: the run.json being resumed (its data and tokenizer must match `prepared`)."""
     seed_everything(args.seed)
     model = build_model(args.model, prepared, **_model_options(args))
     config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
-                         eval_every=args.eval_every, patience=args.patience, seed=args.seed)
+                         eval_every=args.eval_every, patience=args.patience, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every, schedule=args.schedule)
+    run = {"dataset": args.dataset, "root": args.root, "max_lines": args.max_lines,
+           "options": runs.json_options(args), "fingerprints": runs.fingerprints(prepared)}
+    if _is_main_process():
+        if saved_run is not None:
+            runs.check_fingerprints(args.out, saved_run, prepared)
+        runs.write_run(args.out, {**run, "complete": False})  # a killed run still says what it trains on
     started = time.perf_counter()
     result = fit(model, prepared, config, valid_users=args.valid_users, beam_size=args.beam,
-                 checkpoint=os.path.join(args.out, "checkpoint.pt"))
+                 checkpoint=os.path.join(args.out, "checkpoint.pt"), mask_history=args.mask_history)
     train_seconds = time.perf_counter() - started
     rank = init_distributed()[0]
     shutdown_distributed()
     if rank != 0:  # under torchrun, rank 0 holds the best weights and does the rest
         return model, None, train_seconds
-    spec = {"dataset": args.dataset, "root": args.root, "max_lines": args.max_lines}
-    save_run(args.out, model, prepared, spec)
+    save_run(args.out, model, prepared, {**run, "complete": True})
     test = subsample(prepared.split.test, args.test_users)
-    results = {args.model: evaluate(model, prepared, test, beam_size=args.beam), **baselines(prepared, test)}
+    results = {args.model: evaluate(model, prepared, test, beam_size=args.beam, mask_history=args.mask_history),
+               **baselines(prepared, test, mask_history=args.mask_history)}
     with open(os.path.join(args.out, "metrics.json"), "w") as file:
         json.dump({"results": results, "train_seconds": train_seconds, "steps": result.step}, file, indent=2)
     return model, results, train_seconds
@@ -118,8 +257,17 @@ def cmd_prepare(args):
 
 
 def cmd_train(args):
+    _absolute_dataset(args)
+    saved_run = None
+    if _is_main_process():
+        saved_run = runs.prepare_out_dir(args.out, args.resume, args.overwrite)
+        if saved_run is not None:
+            runs.check_resumable(args.out, saved_run, runs.json_options(args))
     prepared = _prepared(args)
-    _, results, seconds = _train_and_evaluate(args, prepared)
+    if args.model == "grace" and args.beam > max(prepared.data.num_items, MAX_PADDED_BEAMS):
+        raise ValueError(f"--beam {args.beam} is larger than the {prepared.data.num_items} items of {args.dataset} "
+                         "(the beam search could not fill it)")
+    _, results, seconds = _train_and_evaluate(args, prepared, saved_run)
     if results is None:
         return
     print(f"trained in {seconds:.0f} s; run saved to {args.out}")
@@ -136,20 +284,25 @@ def cmd_evaluate(args):
     print(format_metrics(results))
 
 
+def _require_grace_run(directory: str, command: str) -> None:
+    kind = runs.run_field(runs.read_run(directory), directory, "model")
+    if kind != "grace":
+        raise ValueError(f"{command} needs a GRACE run; {directory} holds a {kind} run")
+
+
 def cmd_recommend(args):
+    _require_grace_run(args.run, "recommend")
     model, prepared, run = load_run(args.run)
     data, tokenizer = prepared.data, prepared.tokenizer
     if args.user not in data.user_ids:
         raise ValueError(f"user {args.user!r} is not in {data.name}")
     items, behaviors = data.history(data.user_ids.index(args.user))
-    if run["model"] != "grace":
-        raise ValueError("recommend needs a GRACE run (SASRec runs are for evaluation only)")
     tokens, anchors = tokenizer.history_tokens(items[-model.config.max_positions // tokenizer.tokens_per_interaction:],
                                                behaviors[-model.config.max_positions // tokenizer.tokens_per_interaction:])
     behavior = data.behavior_code(args.behavior or data.target_behavior or data.behaviors[0])
     start = tokenizer.behavior_tokens([behavior])[:, None]
     ranked, scores = recommend_items(model, Trie(tokenizer.item_paths()), tokens, torch.tensor([0, len(tokens)]),
-                                     anchors, max(args.top, 1), start_tokens=start)
+                                     anchors, args.top, start_tokens=start)
     print(f"user {args.user}: {len(items)} past interactions; top {args.top} for behavior "
           f"{data.behaviors[behavior]!r}")
     for rank, (item, score) in enumerate(zip(ranked[0].tolist(), scores[0].tolist()), 1):
@@ -185,7 +338,7 @@ def _device_name(device) -> str:
 
 def _long_lengths(args, device):
     if args.lengths:
-        return [int(n) for n in args.lengths.split(",")]
+        return args.lengths
     return [128, 256, 512, 1024] if device.type == "cpu" else [128, 512, 1024, 2048, 4096]
 
 
@@ -193,6 +346,7 @@ def cmd_bench(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lengths = _long_lengths(args, device)
     if args.run:
+        _require_grace_run(args.run, "bench")
         model, prepared, _ = load_run(args.run, device)
     else:
         prepared = prepare("embedded", tokenizer_config=TokenizerConfig.fast(), cache_dir=args.cache)
@@ -215,7 +369,10 @@ def cmd_demo(args):
         model="grace", attention="jsa", disable_branch=[], d_model=128, heads=4, layers=2, steps=args.steps,
         batch_size=64, lr=2e-3, warmup=min(100, args.steps // 10), eval_every=args.steps, patience=0,
         valid_users=256, test_users=None, beam=20, seed=0, out=args.out, dataset="embedded", root=None,
-        max_lines=None)
+        max_lines=None, checkpoint_every=100, dropout=0.1, head="tied", preset="small", max_history=None,
+        mask_history=False, schedule="cosine")
+    if _is_main_process():
+        runs.prepare_out_dir(args.out, resume=False, overwrite=True)  # the demo always starts afresh
     model, results, train_seconds = _train_and_evaluate(train_args, prepared)
     print(f"\n== test metrics (full ranking, trie-constrained beam 20; trained {train_seconds:.0f} s) ==")
     print(format_metrics(results))
@@ -229,51 +386,74 @@ def cmd_demo(args):
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {args.out}")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (every subcommand and option)."""
     parser = argparse.ArgumentParser(prog="sparserec", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="train + evaluate on the embedded data, then measure JSA savings")
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--lengths", default=None, help="comma-separated synthetic history lengths (interactions)")
-    demo.add_argument("--repeats", type=int, default=3)
-    demo.add_argument("--out", default=os.path.join("runs", "demo"))
-    demo.add_argument("--cache", default=os.path.join(".cache", "sparserec"))
+    demo = commands.add_parser("demo", help="train + evaluate on the embedded data, then measure JSA savings",
+                               formatter_class=_HelpFormatter)
+    demo.add_argument("--steps", type=positive_int, default=300, help="training steps")
+    demo.add_argument("--lengths", type=length_list, default=None,
+                      help="comma-separated synthetic history lengths (interactions; default: by device)")
+    demo.add_argument("--repeats", type=positive_int, default=3, help="timed repeats per measurement")
+    demo.add_argument("--out", default=os.path.join("runs", "demo"), help="run directory (replaced)")
+    demo.add_argument("--cache", default=os.path.join(".cache", "sparserec"), help="tokenizer cache folder")
     demo.set_defaults(handler=cmd_demo)
 
-    prep = commands.add_parser("prepare", help="load, split and tokenize a dataset")
+    prep = commands.add_parser("prepare", help="load, split and tokenize a dataset", formatter_class=_HelpFormatter)
     _dataset_arguments(prep)
     prep.set_defaults(handler=cmd_prepare)
 
-    train = commands.add_parser("train", help="train a model and save the run")
+    train = commands.add_parser("train", help="train a model and save the run", formatter_class=_HelpFormatter,
+                                description="Train a model on a dataset; save the run directory --out. An existing "
+                                            "run there is refused unless --resume or --overwrite.")
     _dataset_arguments(train)
     _train_arguments(train)
     train.set_defaults(handler=cmd_train)
 
-    evaluation = commands.add_parser("evaluate", help="evaluate a saved run")
+    evaluation = commands.add_parser("evaluate", help="evaluate a saved run", formatter_class=_HelpFormatter)
     evaluation.add_argument("run", help="run directory written by `sparserec train`")
-    evaluation.add_argument("--split", choices=("test", "valid"), default="test")
-    evaluation.add_argument("--max-users", type=int, default=None)
-    evaluation.add_argument("--beam", type=int, default=20)
+    evaluation.add_argument("--split", choices=("test", "valid"), default="test", help="the split to evaluate on")
+    evaluation.add_argument("--max-users", type=positive_int, default=None,
+                            help="evaluate on this many users drawn with a fixed seed (default: all)")
+    evaluation.add_argument("--beam", type=positive_int, default=20,
+                            help=f"beam size of the constrained generation (at least {LARGEST_K}, the largest K)")
     evaluation.set_defaults(handler=cmd_evaluate)
 
-    rec = commands.add_parser("recommend", help="top-K items for one user of a saved GRACE run")
-    rec.add_argument("run")
+    rec = commands.add_parser("recommend", help="top-K items for one user of a saved GRACE run",
+                              formatter_class=_HelpFormatter)
+    rec.add_argument("run", help="run directory written by `sparserec train`")
     rec.add_argument("--user", required=True, help="the user's id as in the dataset")
     rec.add_argument("--behavior", default=None, help="behavior to recommend for (default: the target behavior)")
-    rec.add_argument("--top", type=int, default=10)
+    rec.add_argument("--top", type=positive_int, default=10, help="how many items to recommend (the beam size)")
     rec.set_defaults(handler=cmd_recommend)
 
-    bench = commands.add_parser("bench", help="JSA vs dense encoder FLOPs and latency")
+    bench = commands.add_parser("bench", help="JSA vs dense encoder FLOPs and latency", formatter_class=_HelpFormatter)
     bench.add_argument("--run", default=None, help="a saved GRACE run (default: a fresh model on the embedded data)")
-    bench.add_argument("--lengths", default=None, help="comma-separated synthetic history lengths (interactions)")
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--beam", type=int, default=20)
-    bench.add_argument("--cache", default=os.path.join(".cache", "sparserec"))
+    bench.add_argument("--lengths", type=length_list, default=None,
+                       help="comma-separated synthetic history lengths (interactions; default: by device)")
+    bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per measurement")
+    bench.add_argument("--beam", type=positive_int, default=20, help="beam size of the timed generation")
+    bench.add_argument("--cache", default=os.path.join(".cache", "sparserec"), help="tokenizer cache folder")
     bench.set_defaults(handler=cmd_bench)
 
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parsed, completed and checked arguments; a bad one exits (status 2) with a one-line message
+    before any work."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    _model_defaults(args)
+    _check_arguments(parser, args)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         args.handler(args)
     except (ValueError, TypeError, FileNotFoundError) as error:

@@ -1,4 +1,6 @@
 """GRACE and SASRec: shapes, learning, KV-cache decoding, beam reordering, ablations."""
+import math
+
 import pytest
 import torch
 
@@ -170,9 +172,15 @@ def test_config_checks_and_round_trip():
         model(tokens, cu_seqlens, anchors, torch.ones(1, 9, dtype=torch.long))
 
 
-def test_sasrec_scores_and_loss():
-    torch.manual_seed(0)
-    model = SASRec(SASRecConfig(num_items=30, d_model=16, num_heads=2, dropout=0.0, max_length=10)).eval()
+def tiny_sasrec(seed=0, **overrides):
+    torch.manual_seed(seed)
+    values = dict(num_items=30, d_model=16, num_heads=2, dropout=0.0, max_length=10)
+    return SASRec(SASRecConfig(**{**values, **overrides})).eval()
+
+
+@pytest.mark.parametrize("head", ["tied", "untied"])
+def test_sasrec_scores_and_loss(head):
+    model = tiny_sasrec(head=head)
     pad = model.pad_id
     histories = torch.tensor([[3, 7, 9, pad, pad], [1, 2, 3, 4, 5]])
     logits = model(histories)
@@ -186,12 +194,53 @@ def test_sasrec_scores_and_loss():
     next_items = torch.tensor([[7, 9, 11, pad, pad], [2, 3, 4, 5, 6]])
     losses = []
     for _ in range(30):
-        loss = sequence_loss(model(histories), next_items, ignore_index=pad)
+        loss = model(histories, next_items)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
+
+
+@pytest.mark.parametrize("head", ["tied", "untied"])
+def test_sasrec_starts_near_uniform(head):
+    """N(0, 0.02) init: starting logits are near 0, so the first loss is ln(num_items) (N(0, 1)
+    embeddings with a tied head started at several times that)."""
+    num_items = 5000
+    model = tiny_sasrec(num_items=num_items, d_model=64, max_length=20, head=head)
+    inputs = torch.randint(0, num_items, (8, 20), generator=torch.Generator().manual_seed(1))
+    next_items = torch.randint(0, num_items, (8, 20), generator=torch.Generator().manual_seed(2))
+    assert model(inputs).std() < 0.5
+    assert abs(model(inputs, next_items).item() - math.log(num_items)) < 0.05
+    assert model.item_embedding.weight[model.pad_id].abs().max() == 0  # padding embeds to zero
+
+
+def test_sasrec_loss_counts_real_positions_only():
+    model = tiny_sasrec()
+    pad = model.pad_id
+    inputs = torch.tensor([[3, 7, 9, pad, pad], [1, 2, 3, 4, 5]])
+    next_items = torch.tensor([[7, 9, 11, pad, pad], [2, 3, 4, 5, pad]])
+    real = next_items != pad
+    by_hand = torch.nn.functional.cross_entropy(model(inputs)[real], next_items[real])
+    torch.testing.assert_close(model(inputs, next_items), by_hand)
+    # What sits at padded positions (inputs there, or more padding columns) changes nothing.
+    garbage = inputs.clone()
+    garbage[0, 3:] = torch.tensor([5, 6])
+    torch.testing.assert_close(model(garbage, next_items), by_hand)
+    wider = torch.cat([inputs, torch.full((2, 3), pad)], dim=1)
+    torch.testing.assert_close(model(wider, torch.cat([next_items, torch.full((2, 3), pad)], dim=1)), by_hand)
+    # score() equals the full logits' row at each history's last real position.
+    torch.testing.assert_close(model.score(wider), torch.stack([model(inputs)[0, 2], model(inputs)[1, 4]]))
+
+
+def test_sasrec_rejects_bad_input():
+    model = tiny_sasrec()
+    with pytest.raises(ValueError, match="max_length"):
+        model(torch.zeros(1, 11, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least one item"):
+        model.score(torch.full((1, 3), model.pad_id))
+    with pytest.raises(ValueError, match="head must be one of"):
+        SASRecConfig(num_items=3, head="shared")
 
 
 def test_packed_dense_attention_equals_padded_masked_sdpa():

@@ -36,7 +36,9 @@ ENCODER_JSA = JSAConfig(block=16, stride=8, select_block=32, top_n=4, select_q_b
 class GRACEConfig:
     """Shape and options of a GRACE model.
 
-    num_kv_heads: grouped-query attention (None = num_heads). attention: "jsa" | "dense" encoder
+    num_kv_heads: grouped-query attention (None = num_heads). head_dim: each head's width (None =
+    d_model // num_heads; else attention runs num_heads * head_dim wide, projected from and to
+    d_model, as T5's d_kv). attention: "jsa" | "dense" encoder
     self-attention. jsa / jsa_backend / jsa_compress: JourneySparseAttention's config (must be
     bidirectional), backend and compression. disabled_branches: JSA branches ("cmp", "slc",
     "jrn", "win") whose gate is fixed to 0 (ablations). max_positions: longest encoder history in
@@ -48,6 +50,7 @@ class GRACEConfig:
     d_model: int = 128
     num_heads: int = 4
     num_kv_heads: int | None = None
+    head_dim: int | None = None
     encoder_layers: int = 2
     decoder_layers: int = 2
     d_ff: int = 512
@@ -66,6 +69,9 @@ class GRACEConfig:
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         object.__setattr__(self, "disabled_branches", tuple(self.disabled_branches))
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}), "
+                             "or head_dim given")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if not isinstance(self.jsa, JSAConfig):
@@ -103,14 +109,30 @@ class BranchMaskedGate(nn.Linear):
         return super().forward(x).masked_fill(self.disabled, float("-inf"))
 
 
+class Widened(nn.Module):
+    """A packed self-attention module run at width `inner`, between Linear(d_model→inner) and
+    Linear(inner→d_model): JSA with heads × head_dim ≠ d_model (its own projections are square)."""
+
+    def __init__(self, d_model: int, inner: int, attention: nn.Module):
+        super().__init__()
+        self.up = nn.Linear(d_model, inner, bias=False)
+        self.attention = attention
+        self.down = nn.Linear(inner, d_model, bias=False)
+
+    def forward(self, x, cu_seqlens, anchor_mask=None):
+        return self.down(self.attention(self.up(x), cu_seqlens=cu_seqlens, anchor_mask=anchor_mask))
+
+
 def encoder_self_attention(config: GRACEConfig) -> nn.Module:
     if config.attention == "dense":
-        return PackedDenseSelfAttention(config.d_model, config.num_heads, config.num_kv_heads, config.dropout)
-    attention = JourneySparseAttention(config.d_model, config.num_heads, config.num_kv_heads, config=config.jsa,
+        return PackedDenseSelfAttention(config.d_model, config.num_heads, config.num_kv_heads, config.dropout,
+                                        config.head_dim)
+    width = config.num_heads * config.head_dim if config.head_dim else config.d_model
+    attention = JourneySparseAttention(width, config.num_heads, config.num_kv_heads, config=config.jsa,
                                        backend=config.jsa_backend, compress=config.jsa_compress, bias=False)
     if config.disabled_branches:
         attention.gate_proj = BranchMaskedGate(attention.gate_proj, config.num_heads, config.disabled_branches)
-    return attention
+    return attention if width == config.d_model else Widened(config.d_model, width, attention)
 
 
 class EncoderLayer(nn.Module):
@@ -174,9 +196,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         heads, kv_heads = config.num_heads, config.num_kv_heads
         self.self_attention_norm = nn.RMSNorm(config.d_model, eps=1e-6)
-        self.self_attention = Attention(config.d_model, heads, kv_heads, config.dropout)
+        self.self_attention = Attention(config.d_model, heads, kv_heads, config.dropout, config.head_dim)
         self.cross_attention_norm = nn.RMSNorm(config.d_model, eps=1e-6)
-        self.cross_attention = Attention(config.d_model, heads, kv_heads, config.dropout)
+        self.cross_attention = Attention(config.d_model, heads, kv_heads, config.dropout, config.head_dim)
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=1e-6)
         self.ffn = FeedForward(config.d_model, config.d_ff, config.activation, config.dropout)
         self.dropout = nn.Dropout(config.dropout)

@@ -27,21 +27,24 @@ class Attention(nn.Module):
 
     Keys and values are projected separately (`keys_values`) so callers can cache them: the
     decoder's self-attention cache and its once-per-request cross-attention memory.
+    head_dim: None = d_model // num_heads; else the heads' width is num_heads * head_dim, which
+    may differ from d_model (T5's d_kv: TIGER uses 6 heads of 64 with d_model 128).
     """
 
-    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0,
+                 head_dim: int | None = None):
         super().__init__()
-        if d_model % num_heads:
+        if head_dim is None and d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.head_dim = d_model // num_heads
+        self.head_dim = head_dim or d_model // num_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_proj = nn.Linear(d_model, num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, num_kv_heads * self.head_dim, bias=False)
-        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, d_model, bias=False)
 
     def _split_heads(self, x, heads):  # (B, T, heads*D) -> (B, heads, T, D)
         return x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
@@ -83,9 +86,10 @@ class PackedDenseSelfAttention(nn.Module):
     short and long histories to the longest wastes most of the work there.
     """
 
-    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0,
+                 head_dim: int | None = None):
         super().__init__()
-        self.attention = Attention(d_model, num_heads, num_kv_heads, dropout)
+        self.attention = Attention(d_model, num_heads, num_kv_heads, dropout, head_dim)
 
     def forward(self, x, cu_seqlens, anchor_mask=None):
         if x.is_cuda:
