@@ -195,12 +195,13 @@ def _model_options(args) -> dict:
 
 def format_metrics(results: dict) -> str:
     """results: {model name: {task: per-behavior metrics}} -> a markdown table of the "all" rows."""
-    lines = ["| model | task | users | HR@5 | NDCG@5 | HR@10 | NDCG@10 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | task | users | HR@5 | NDCG@5 | HR@10 | NDCG@10 | SE of HR@10 / NDCG@10 |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, tasks in results.items():
         for task, metrics in tasks.items():
             m = metrics["all"]
             lines.append(f"| {name} | {task} | {m['count']} | {m['hr@5']:.4f} | {m['ndcg@5']:.4f} | "
-                         f"{m['hr@10']:.4f} | {m['ndcg@10']:.4f} |")
+                         f"{m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['hr@10_se']:.4f} / {m['ndcg@10_se']:.4f} |")
     return "\n".join(lines)
 
 
@@ -271,6 +272,7 @@ def cmd_train(args):
     if results is None:
         return
     print(f"trained in {seconds:.0f} s; run saved to {args.out}")
+    print(f"test split, history masking: {'on' if args.mask_history else 'off'}")
     print(format_metrics(results))
 
 
@@ -279,8 +281,13 @@ def cmd_evaluate(args):
     model, prepared, _ = load_run(args.run, device)
     targets = prepared.split.test if args.split == "test" else prepared.split.valid
     targets = subsample(targets, args.max_users)
-    results = {os.path.basename(os.path.normpath(args.run)): evaluate(model, prepared, targets, args.beam),
-               **baselines(prepared, targets)}
+    name = os.path.basename(os.path.normpath(args.run))
+    results = {name: evaluate(model, prepared, targets, args.beam, mask_history=args.mask_history)}
+    if args.exhaustive:
+        results[f"{name} (exhaustive)"] = evaluate(model, prepared, targets, args.beam, mask_history=args.mask_history,
+                                                   exhaustive=True)
+    results.update(baselines(prepared, targets, mask_history=args.mask_history))
+    print(f"history masking: {'on' if args.mask_history else 'off'}")
     print(format_metrics(results))
 
 
@@ -416,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = commands.add_parser("evaluate", help="evaluate a saved run", formatter_class=_HelpFormatter)
     evaluation.add_argument("run", help="run directory written by `sparserec train`")
     evaluation.add_argument("--split", choices=("test", "valid"), default="test", help="the split to evaluate on")
+    evaluation.add_argument("--mask-history", action="store_true",
+                            help="rank without the user's own past items (S3-Rec full-sort convention)")
+    evaluation.add_argument("--exhaustive", action="store_true",
+                            help="GRACE: also rank by every item's full-path log-prob (true full ranking; "
+                                 "num_items decoder passes per user: use --max-users)")
     evaluation.add_argument("--max-users", type=positive_int, default=None,
                             help="evaluate on this many users drawn with a fixed seed (default: all)")
     evaluation.add_argument("--beam", type=positive_int, default=20,
