@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install demo test gpu-test gpu-sanitize cuda-compile bench
+.PHONY: install demo test gpu-test gpu-sanitize cuda-compile bench gpu-train
 
 # The environment's torch is used as is (never a second copy); on a machine without torch this
 # installs the CPU build first. --no-build-isolation builds with this environment's packages, so
@@ -34,3 +34,13 @@ bench: install
 	$(PYTHON) benchmarks/attention_scaling.py
 	$(PYTHON) benchmarks/beam_search.py
 	$(PYTHON) -m sparserec.cli bench
+
+# One short GPU training: Amazon Beauty, GRACE with the tiger preset (4 + 4 layers, 6 heads x 64,
+# inverse-sqrt schedule, 20 interactions of history), the Triton JSA encoder (backend auto) and bf16
+# autocast, for GPU_TRAIN_MINUTES of training, then validation and the test metrics on all 22,363
+# users (beam 20, no history masking). Prepared on a CPU-only machine: not yet run.
+GPU_TRAIN_MINUTES ?= 5
+gpu-train: install
+	$(PYTHON) -m sparserec.cli train --dataset amazon-beauty --model grace --preset tiger \
+		--time-limit $(GPU_TRAIN_MINUTES) --steps 1000000 --eval-every 1000 --valid-users 2000 \
+		--checkpoint-every 0 --out runs/gpu-train-beauty-tiger --overwrite

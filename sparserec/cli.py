@@ -144,6 +144,8 @@ def _train_arguments(parser):
                         help="GRACE: keep each user's most recent N interactions (default: the preset's)")
     parser.add_argument("--mask-history", action="store_true",
                         help="rank without the user's own past items (S3-Rec full-sort convention; default: off)")
+    parser.add_argument("--time-limit", type=positive_float, default=None,
+                        help="stop training after this many minutes, validate and evaluate (default: no limit)")
     parser.add_argument("--patience", type=non_negative_int, default=0,
                         help="validations without improvement before stopping (0: never stop early)")
     parser.add_argument("--valid-users", type=positive_int, **per_model,
@@ -223,7 +225,8 @@ def _train_and_evaluate(args, prepared, saved_run=None):
     model = build_model(args.model, prepared, **_model_options(args))
     config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                          eval_every=args.eval_every, patience=args.patience, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every, schedule=args.schedule)
+                         checkpoint_every=args.checkpoint_every, schedule=args.schedule,
+                         time_limit_s=60 * (args.time_limit or 0))
     run = {"dataset": args.dataset, "root": args.root, "max_lines": args.max_lines,
            "options": runs.json_options(args), "fingerprints": runs.fingerprints(prepared)}
     if _is_main_process():
@@ -377,7 +380,7 @@ def cmd_demo(args):
         batch_size=64, lr=2e-3, warmup=min(100, args.steps // 10), eval_every=args.steps, patience=0,
         valid_users=256, test_users=None, beam=20, seed=0, out=args.out, dataset="embedded", root=None,
         max_lines=None, checkpoint_every=100, dropout=0.1, head="tied", preset="small", max_history=None,
-        mask_history=False, schedule="cosine")
+        mask_history=False, schedule="cosine", time_limit=None)
     if _is_main_process():
         runs.prepare_out_dir(args.out, resume=False, overwrite=True)  # the demo always starts afresh
     model, results, train_seconds = _train_and_evaluate(train_args, prepared)

@@ -88,6 +88,27 @@ def ddp_run_config():
     return dict(model_seed=0, dropout=0.0, collate_fn=None, max_steps=3)
 
 
+def test_time_limit_stops_validates_and_keeps_the_best():
+    """A limit already spent stops at the first check (step log_every), validates there and finishes."""
+    validated_at = []
+
+    def evaluate_fn(model):
+        validated_at.append(trainer.step)
+        return {"ndcg@10": 1.0}
+
+    trainer = make_trainer(max_steps=100, log_every=4, time_limit_s=1e-9, evaluate_fn=evaluate_fn)
+    result = trainer.fit()
+    assert result.step == 4 and validated_at == [4] and result.best_step == 4
+
+
+def test_inverse_sqrt_schedule_in_the_trainer():
+    trainer = make_trainer(max_steps=20, warmup_steps=4, schedule="inverse_sqrt")
+    trainer.fit()
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(1e-2 * (4 / 21) ** 0.5)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        make_trainer(schedule="linear")
+
+
 def test_ddp_matches_single_process(tmp_path):
     single = make_trainer(**ddp_run_config(), batch_size=16)
     single.fit()

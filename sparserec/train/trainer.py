@@ -14,6 +14,7 @@ RNG state, so dropout masks differ from an uninterrupted run.
 import itertools
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,8 @@ class TrainConfig:
     amp: bf16 autocast on CUDA (ignored on CPU).
     schedule: "cosine" (warmup, then cosine to min_lr_ratio at max_steps) or "inverse_sqrt" (warmup,
     then lr * sqrt(warmup_steps / step), T5/TIGER's; it does not depend on max_steps).
+    time_limit_s: stop after this many seconds of `fit` (checked every log_every steps; 0: no
+    limit), validate, and finish as at max_steps: a fixed wall-clock budget (pair with inverse_sqrt).
     """
 
     max_steps: int = 10_000
@@ -45,6 +48,7 @@ class TrainConfig:
     warmup_steps: int = 500
     min_lr_ratio: float = 0.0
     schedule: str = "cosine"
+    time_limit_s: float = 0.0
     grad_clip: float = 1.0
     amp: bool = True
     seed: int = 0
@@ -154,7 +158,8 @@ class Trainer:
         bar = tqdm(total=config.max_steps, initial=self.step, desc="train",
                    disable=not (config.progress and self.is_main))
         running_loss, steps_since_log = torch.zeros((), device=self.device), 0
-        while self.step < stop_at and not self.stopped_early:
+        started, timed_out = time.perf_counter(), False
+        while self.step < stop_at and not self.stopped_early and not timed_out:
             self.sampler.set_epoch(self.epoch)
             self.sampler.start = self.batch_in_epoch * config.batch_size
             # A per-epoch generator: worker seeds depend on (seed, epoch) only, not on when we resumed.
@@ -173,19 +178,22 @@ class Trainer:
                     steps_since_log = 0
                     self.history.append({"step": self.step, "loss": loss})
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                if config.time_limit_s and self.step % config.log_every == 0:
+                    timed_out = self._everyone_agrees(time.perf_counter() - started >= config.time_limit_s)
                 validated = self.evaluate_fn is not None and (
-                    self.step == config.max_steps or (config.eval_every and self.step % config.eval_every == 0))
+                    self.step == config.max_steps or timed_out
+                    or (config.eval_every and self.step % config.eval_every == 0))
                 if validated:
                     self._validate()
                 if config.checkpoint_path and (validated or (config.checkpoint_every and self.step % config.checkpoint_every == 0)):
                     self.save_checkpoint(config.checkpoint_path)
-                if self.step >= stop_at or self.stopped_early:
+                if self.step >= stop_at or self.stopped_early or timed_out:
                     break
             else:
                 self.epoch += 1
                 self.batch_in_epoch = 0
         bar.close()
-        finished = self.step >= config.max_steps or self.stopped_early
+        finished = self.step >= config.max_steps or self.stopped_early or timed_out
         if config.checkpoint_path:
             self.save_checkpoint(config.checkpoint_path)
         if finished and self.best_state is not None:
@@ -204,6 +212,14 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return loss.detach()
+
+    def _everyone_agrees(self, flag: bool) -> bool:
+        """Rank 0's flag on every rank (ranks' clocks differ; all must stop at the same step)."""
+        if self.world_size == 1:
+            return flag
+        flags = [flag]
+        dist.broadcast_object_list(flags, src=0)
+        return flags[0]
 
     def _validate(self):
         stop = [False]
