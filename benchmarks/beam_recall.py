@@ -13,16 +13,10 @@ import time
 
 import torch
 
-from sparserec.evaluate import exhaustive_rankings, grace_rankings, task_targets
+from sparserec.evaluate import exhaustive_rankings, grace_rankings, task_targets, top_k_overlap
 from sparserec.generate import Trie
 from sparserec.metrics import ranking_metrics, standard_error
 from sparserec.pipeline import load_run, subsample
-
-
-def overlap_at(beam, exhaustive, k: int) -> torch.Tensor:
-    """(B,) |beam top-k ∩ exhaustive top-k| / k per user (-1 entries of the beam never match)."""
-    top_beam, top_true = beam[:, :k], exhaustive[:, :k]
-    return (top_beam[:, :, None] == top_true[:, None, :]).any(2).double().sum(1) / k
 
 
 def main(argv=None):
@@ -51,7 +45,7 @@ def main(argv=None):
     print("| K | beam recall of the true top K (± SE) | HR@K beam | HR@K exhaustive | NDCG@K beam | NDCG@K exhaustive |")
     print("|---|---|---|---|---|---|")
     for k in (5, 10):
-        overlap = overlap_at(beam, exhaustive, k)
+        overlap = top_k_overlap(beam, exhaustive, k)
         by_beam, by_rank = ranking_metrics(beam, truth, (k,)), ranking_metrics(exhaustive, truth, (k,))
         print(f"| {k} | {overlap.mean().item():.3f} ± {standard_error(overlap):.3f} | {by_beam[f'hr@{k}']:.4f} | "
               f"{by_rank[f'hr@{k}']:.4f} | {by_beam[f'ndcg@{k}']:.4f} | {by_rank[f'ndcg@{k}']:.4f} |")

@@ -151,6 +151,13 @@ def exhaustive_rankings(model, tokenizer: ItemTokenizer, data: InteractionData, 
     return torch.stack(rankings)
 
 
+def top_k_overlap(ranked, reference, k: int) -> torch.Tensor:
+    """(B,) |ranked top-k ∩ reference top-k| / k per user: the beam's recall of the true top k when
+    `reference` is `exhaustive_rankings` (-1 entries never match)."""
+    top, true_top = ranked[:, :k], reference[:, :k]
+    return ((top[:, :, None] == true_top[:, None, :]) & (top[:, :, None] >= 0)).any(2).double().sum(1) / k
+
+
 def _path_log_probs(model, memory, sequences, include_first: bool):
     """Sum of log-probs of `sequences` (N, L) after the start token, for one request's memory
     (the first token's log-prob counted only when include_first: a given behavior is not scored)."""

@@ -120,6 +120,15 @@ def test_exhaustive_ranking_equals_a_beam_as_wide_as_the_catalogue(single, drop_
     assert torch.equal(beam, exhaustive)
 
 
+def test_top_k_overlap():
+    from sparserec.evaluate import top_k_overlap
+
+    ranked = torch.tensor([[1, 2, 3, 4], [5, -1, -1, -1]])
+    reference = torch.tensor([[2, 1, 9, 3], [6, 5, 7, 8]])
+    assert top_k_overlap(ranked, reference, 2).tolist() == [1.0, 0.5]
+    assert top_k_overlap(ranked, reference, 4).tolist() == [0.75, 0.25]
+
+
 def test_inverse_sqrt_schedule():
     multiplier = warmup_inverse_sqrt(100)
     assert multiplier(0) == pytest.approx(0.01) and multiplier(99) == pytest.approx(1.0)
