@@ -5,7 +5,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 // x86-64 builds of torch export MKL's Fortran BLAS; declared weak so the extension still loads
@@ -19,10 +18,11 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const int* ldc) __attribute__((weak));
 }
 
-// Hot row loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time, so the
-// package needs no -march flag and runs on any x86-64 machine.
+// Hot row loops are written on 8-lane vectors (GCC vector extensions) and compiled for AVX2+FMA and
+// for baseline x86-64, picked at load time: no -march flag, runs on any x86-64 machine. (An AVX-512
+// clone hits a GCC 12 internal error on vector compares.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPARSEREC_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define SPARSEREC_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define SPARSEREC_VECTOR_CLONES
 #endif
@@ -86,13 +86,61 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
 
 inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// 8 floats / 8 int32 lanes; comparisons give int lanes of -1 (true) or 0.
+namespace vec {
+constexpr int64_t kLanes = 8;
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+inline int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+inline f8 splat(float x) { return f8{} + x; }
+inline i8 splat(int32_t x) { return i8{} + x; }
+inline f8 load(const float* p) {
+  f8 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline i8 load(const int32_t* p) {
+  i8 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, f8 v) { __builtin_memcpy(p, &v, sizeof v); }
+inline float sum(f8 v) {
+  float out = 0;
+  for (int64_t i = 0; i < kLanes; ++i) out += v[i];
+  return out;
+}
+inline float max(f8 v) {
+  float out = v[0];
+  for (int64_t i = 1; i < kLanes; ++i) out = v[i] > out ? v[i] : out;
+  return out;
+}
+inline i8 iota() { return i8{0, 1, 2, 3, 4, 5, 6, 7}; }
+
+// exp_nonpositive on 8 lanes (floor done by truncation and a correction: vector floor is not portable).
+inline f8 exp_nonpositive(f8 x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const f8 y = x * 1.44269504088896341f + 0.5f;
+  const f8 truncated = __builtin_convertvector(__builtin_convertvector(y, i8), f8);
+  const f8 n = truncated > y ? truncated - 1.0f : truncated;
+  const f8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  f8 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i8 exponent = (__builtin_convertvector(n, i8) + 127) << 23;
+  return p * (f8)exponent;
+}
+}  // namespace vec
 
 }  // namespace cpu
 }  // namespace sparserec

@@ -28,7 +28,9 @@
 namespace sparserec {
 namespace {
 
-constexpr uint8_t kSelected = 1, kAnchor = 2;
+constexpr int32_t kSelected = 1, kAnchor = 2;
+// Position of padding keys: outside every window, flags 0, so no branch sees them.
+constexpr int32_t kNoKey = -(1 << 30);
 
 struct AttnConfig {
   int64_t block, stride, select_block, top_n, select_q_block, window;
@@ -71,162 +73,252 @@ struct Problem {
   }
 };
 
-// Per-row masks of the token branches, from the key's position and flags.
-struct RowRule {
-  int32_t t, window;
-  bool causal;
-};
-
 template <typename T>
 struct Workspace {
   std::vector<T> q, d_out, o, s_cmp, p_cmp, s_keys, p_keys, dp, k_keys, v_keys, rows;
   std::vector<double> importance, block_score;
   std::vector<int64_t> order;
-  std::vector<int32_t> keys;
-  std::vector<uint8_t> flags;
+  std::vector<int32_t> keys, flags;  // padded to whole vectors with keys no branch sees
   std::vector<std::pair<int64_t, int64_t>> ranges;
 };
 
-// ---- row kernels (compiled per vector ISA) -------------------------------------------------------
+// ---- row kernels -----------------------------------------------------------------------------------
+// float: 8-lane vector code (cpu_math.h), compiled for AVX2 and baseline x86-64; rows are padded to
+// whole vectors (see kNoKey). double: plain loops (the oracle-precision path, not the fast one).
+// Key rows of the token branches: s (scores), pos (positions), flags; a row belongs to query t.
+
+struct RowRule {
+  int32_t t, window;
+  bool causal;
+};
+
+inline void row_masks(int32_t p, int32_t flags, RowRule rule, bool& slc, bool& jrn,
+                                                     bool& win) {
+  const bool vis = !rule.causal || p <= rule.t;
+  win = rule.causal ? (vis && rule.t - p < rule.window) : (rule.t - p < rule.window && p - rule.t < rule.window);
+  slc = vis && (flags & kSelected);
+  jrn = vis && (flags & kAnchor);
+}
 
 // In place: s[0, nvis) -> softmax probabilities, s[nvis, ncols) -> 0. Returns the log-sum-exp
 // (+inf when nvis == 0, so exp(s - lse) is 0 in the backward).
-template <typename T>
-__attribute__((always_inline)) inline T softmax_prefix_row_impl(T* s, int64_t nvis, int64_t ncols) {
-  T m = -std::numeric_limits<T>::infinity();
+double softmax_prefix_row(double* s, int64_t nvis, int64_t ncols) {
+  double m = -std::numeric_limits<double>::infinity(), sum = 0;
   for (int64_t j = 0; j < nvis; ++j) m = std::max(m, s[j]);
-  T sum = 0;
-  for (int64_t j = 0; j < nvis; ++j) {
-    s[j] = cpu::exp_nonpositive(s[j] - m);
-    sum += s[j];
-  }
-  for (int64_t j = nvis; j < ncols; ++j) s[j] = 0;
-  if (nvis == 0) return std::numeric_limits<T>::infinity();
-  const T inv = T(1) / sum;
-  for (int64_t j = 0; j < nvis; ++j) s[j] *= inv;
+  for (int64_t j = 0; j < nvis; ++j) sum += (s[j] = std::exp(s[j] - m));
+  std::fill(s + nvis, s + ncols, 0.0);
+  if (nvis == 0) return std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < nvis; ++j) s[j] /= sum;
   return m + std::log(sum);
 }
 
-// Forward of one row over the gathered keys: s (scores) -> P = sum_b g_b softmax_b(s), in place;
-// lse[b] for b in (slc, jrn, win). e: 3 * n scratch.
-template <typename T>
-__attribute__((always_inline)) inline void keys_row_forward_impl(T* s, const int32_t* pos, const uint8_t* flags,
-                                                                 int64_t n, RowRule rule, const T* gate, T* lse,
-                                                                 T* e) {
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  T m_slc = neg_inf, m_jrn = neg_inf, m_win = neg_inf;
-  for (int64_t j = 0; j < n; ++j) {
-    const int32_t p = pos[j];
-    const bool vis = !rule.causal || p <= rule.t;
-    const bool win = rule.causal ? (vis && p > rule.t - rule.window) : (std::abs(p - rule.t) < rule.window);
-    m_slc = std::max(m_slc, (vis && (flags[j] & kSelected)) ? s[j] : neg_inf);
-    m_jrn = std::max(m_jrn, (vis && (flags[j] & kAnchor)) ? s[j] : neg_inf);
-    m_win = std::max(m_win, win ? s[j] : neg_inf);
+SPARSEREC_VECTOR_CLONES float softmax_prefix_row(float* s, int64_t nvis, int64_t ncols) {
+  using namespace cpu::vec;
+  const i8 limit = splat(static_cast<int32_t>(nvis));
+  f8 m = splat(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < ncols; j += kLanes) {
+    const i8 in = (iota() + static_cast<int32_t>(j)) < limit;
+    const f8 x = load(s + j);
+    m = (in & (x > m)) ? x : m;
   }
-  T* e_slc = e;
-  T* e_jrn = e + n;
-  T* e_win = e + 2 * n;
-  T z_slc = 0, z_jrn = 0, z_win = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const int32_t p = pos[j];
-    const bool vis = !rule.causal || p <= rule.t;
-    const bool win = rule.causal ? (vis && p > rule.t - rule.window) : (std::abs(p - rule.t) < rule.window);
-    const bool slc = vis && (flags[j] & kSelected), jrn = vis && (flags[j] & kAnchor);
-    const T a = cpu::exp_nonpositive(slc ? s[j] - m_slc : T(-100));
-    const T b = cpu::exp_nonpositive(jrn ? s[j] - m_jrn : T(-100));
-    const T c = cpu::exp_nonpositive(win ? s[j] - m_win : T(-100));
-    e_slc[j] = slc ? a : T(0);
-    e_jrn[j] = jrn ? b : T(0);
-    e_win[j] = win ? c : T(0);
-    z_slc += e_slc[j];
-    z_jrn += e_jrn[j];
-    z_win += e_win[j];
+  const float row_max = cpu::vec::max(m);
+  f8 z = f8{};
+  for (int64_t j = 0; j < ncols; j += kLanes) {
+    const i8 in = (iota() + static_cast<int32_t>(j)) < limit;
+    const f8 e = exp_nonpositive(in ? load(s + j) - row_max : splat(-100.0f));
+    store(s + j, in ? e : f8{});
+    z += in ? e : f8{};
   }
-  const T inf = std::numeric_limits<T>::infinity();
-  const T c_slc = z_slc > 0 ? gate[1] / z_slc : T(0);
-  const T c_jrn = z_jrn > 0 ? gate[2] / z_jrn : T(0);
-  const T c_win = z_win > 0 ? gate[3] / z_win : T(0);
-  lse[1] = z_slc > 0 ? m_slc + std::log(z_slc) : inf;
-  lse[2] = z_jrn > 0 ? m_jrn + std::log(z_jrn) : inf;
-  lse[3] = z_win > 0 ? m_win + std::log(z_win) : inf;
-  for (int64_t j = 0; j < n; ++j) s[j] = c_slc * e_slc[j] + c_jrn * e_jrn[j] + c_win * e_win[j];
+  if (nvis == 0) return std::numeric_limits<float>::infinity();
+  const float total = cpu::vec::sum(z), inv = 1.0f / total;
+  for (int64_t j = 0; j < ncols; j += kLanes) store(s + j, load(s + j) * inv);
+  return row_max + std::log(total);
 }
 
-// Backward of one row over the gathered keys. In: s (scores), dp = dO . v_j. Out: s -> dS (unscaled),
-// pt -> sum_b g_b P_b, dg[b] = rowsum(P_b dp) for b in (slc, jrn, win).
-template <typename T>
-__attribute__((always_inline)) inline void keys_row_backward_impl(T* s, const T* dp, const int32_t* pos,
-                                                                  const uint8_t* flags, int64_t n, RowRule rule,
-                                                                  const T* gate, const T* lse, T* pt, T* e,
-                                                                  T* dg) {
-  T* e_slc = e;
-  T* e_jrn = e + n;
-  T* e_win = e + 2 * n;
-  T d_slc = 0, d_jrn = 0, d_win = 0;
+// Forward of a key row: s -> P = sum_b g_b softmax_b(s) in place; lse[1..3] for (slc, jrn, win);
+// e: 4 * n scratch.
+void keys_row_forward(double* s, const int32_t* pos, const int32_t* flags, int64_t n, RowRule rule,
+                      const double* gate, double* lse, double* e) {
+  double m[3], z[3] = {0, 0, 0};
+  std::fill(m, m + 3, -std::numeric_limits<double>::infinity());
   for (int64_t j = 0; j < n; ++j) {
-    const int32_t p = pos[j];
-    const bool vis = !rule.causal || p <= rule.t;
-    const bool win = rule.causal ? (vis && p > rule.t - rule.window) : (std::abs(p - rule.t) < rule.window);
-    const bool slc = vis && (flags[j] & kSelected), jrn = vis && (flags[j] & kAnchor);
-    // lse is +inf for a branch without keys, where the mask is false anyway.
-    const T a = cpu::exp_nonpositive(slc ? s[j] - lse[1] : T(-100));
-    const T b = cpu::exp_nonpositive(jrn ? s[j] - lse[2] : T(-100));
-    const T c = cpu::exp_nonpositive(win ? s[j] - lse[3] : T(-100));
-    e_slc[j] = slc ? a : T(0);
-    e_jrn[j] = jrn ? b : T(0);
-    e_win[j] = win ? c : T(0);
-    d_slc += e_slc[j] * dp[j];
-    d_jrn += e_jrn[j] * dp[j];
-    d_win += e_win[j] * dp[j];
+    bool mask[3];
+    row_masks(pos[j], flags[j], rule, mask[0], mask[1], mask[2]);
+    for (int b = 0; b < 3; ++b)
+      if (mask[b]) m[b] = std::max(m[b], s[j]);
   }
-  dg[1] = d_slc;
-  dg[2] = d_jrn;
-  dg[3] = d_win;
-  const T g_slc = gate[1], g_jrn = gate[2], g_win = gate[3];
   for (int64_t j = 0; j < n; ++j) {
-    const T ps = g_slc * e_slc[j], pj = g_jrn * e_jrn[j], pw = g_win * e_win[j];
+    bool mask[3];
+    row_masks(pos[j], flags[j], rule, mask[0], mask[1], mask[2]);
+    for (int b = 0; b < 3; ++b) z[b] += (e[b * n + j] = mask[b] ? std::exp(s[j] - m[b]) : 0.0);
+  }
+  double c[3];
+  for (int b = 0; b < 3; ++b) {
+    c[b] = z[b] > 0 ? gate[b + 1] / z[b] : 0.0;
+    lse[b + 1] = z[b] > 0 ? m[b] + std::log(z[b]) : std::numeric_limits<double>::infinity();
+  }
+  for (int64_t j = 0; j < n; ++j) s[j] = c[0] * e[j] + c[1] * e[n + j] + c[2] * e[2 * n + j];
+}
+
+// Vector masks of a key row for query t: slc, jrn, win (-1 where the branch sees the key).
+struct KeyMasks8 {
+  cpu::vec::i8 slc, jrn, win;
+};
+inline KeyMasks8 key_masks(const int32_t* pos, const int32_t* flags, int64_t j, RowRule rule) {
+  using namespace cpu::vec;
+  const i8 p = load(pos + j), f = load(flags + j), t = splat(rule.t), w = splat(rule.window);
+  const i8 vis = rule.causal ? (p <= t) : ~i8{};
+  const i8 win = rule.causal ? (vis & (t - p < w)) : ((t - p < w) & (p - t < w));
+  return {vis & ((f & kSelected) != 0), vis & ((f & kAnchor) != 0), win};
+}
+
+// One exponential per key: every branch shifts by the row's largest visible score M, which gives the
+// same softmax as shifting by the branch's own max while that max is within kSharedShift of M (no
+// underflow that matters); a branch further below is recomputed with its own max.
+constexpr float kSharedShift = 20.0f;
+
+SPARSEREC_VECTOR_CLONES void keys_row_forward(float* s, const int32_t* pos, const int32_t* flags, int64_t n,
+                                              RowRule rule, const float* gate, float* lse, float* e) {
+  using namespace cpu::vec;
+  const f8 neg_inf = splat(-std::numeric_limits<float>::infinity()), low = splat(-100.0f);
+  f8 m_slc = neg_inf, m_jrn = neg_inf, m_win = neg_inf;
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const KeyMasks8 mask = key_masks(pos, flags, j, rule);
+    const f8 x = load(s + j);
+    m_slc = (mask.slc & (x > m_slc)) ? x : m_slc;
+    m_jrn = (mask.jrn & (x > m_jrn)) ? x : m_jrn;
+    m_win = (mask.win & (x > m_win)) ? x : m_win;
+  }
+  float shift[3] = {cpu::vec::max(m_slc), cpu::vec::max(m_jrn), cpu::vec::max(m_win)};
+  const float row_max = std::max({shift[0], shift[1], shift[2]});
+  f8 z_slc = f8{}, z_jrn = f8{}, z_win = f8{};
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const KeyMasks8 mask = key_masks(pos, flags, j, rule);
+    const i8 any = mask.slc | mask.jrn | mask.win;
+    const f8 p = any ? exp_nonpositive(any ? load(s + j) - row_max : low) : f8{};
+    store(e + j, p);
+    z_slc += mask.slc ? p : f8{};
+    z_jrn += mask.jrn ? p : f8{};
+    z_win += mask.win ? p : f8{};
+  }
+  float sum[3] = {cpu::vec::sum(z_slc), cpu::vec::sum(z_jrn), cpu::vec::sum(z_win)};
+  bool own_shift[3];
+  for (int b = 0; b < 3; ++b) {
+    own_shift[b] = sum[b] > 0 && shift[b] < row_max - kSharedShift;
+    if (!own_shift[b]) shift[b] = row_max;
+  }
+  if (own_shift[0] || own_shift[1] || own_shift[2]) {
+    // Rare: a branch's scores sit far below the row's max. Its own exponentials go to e + (b+1)*n.
+    for (int b = 0; b < 3; ++b) {
+      if (!own_shift[b]) continue;
+      f8 z = f8{};
+      for (int64_t j = 0; j < n; j += kLanes) {
+        const KeyMasks8 mask = key_masks(pos, flags, j, rule);
+        const i8 in = b == 0 ? mask.slc : (b == 1 ? mask.jrn : mask.win);
+        const f8 p = in ? exp_nonpositive(in ? load(s + j) - shift[b] : low) : f8{};
+        store(e + (b + 1) * n + j, p);
+        z += p;
+      }
+      sum[b] = cpu::vec::sum(z);
+    }
+  }
+  float c[3];
+  for (int b = 0; b < 3; ++b) {
+    c[b] = sum[b] > 0 ? gate[b + 1] / sum[b] : 0.0f;
+    lse[b + 1] = sum[b] > 0 ? shift[b] + std::log(sum[b]) : std::numeric_limits<float>::infinity();
+  }
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const KeyMasks8 mask = key_masks(pos, flags, j, rule);
+    const f8 p = load(e + j);
+    const f8 ps = own_shift[0] ? load(e + n + j) : p, pj = own_shift[1] ? load(e + 2 * n + j) : p,
+             pw = own_shift[2] ? load(e + 3 * n + j) : p;
+    store(s + j, (mask.slc ? c[0] * ps : f8{}) + (mask.jrn ? c[1] * pj : f8{}) + (mask.win ? c[2] * pw : f8{}));
+  }
+}
+
+// Backward of a key row. In: s (scores), dp = dO . v_key. Out: s -> dS (before the softmax scale),
+// pt -> sum_b g_b P_b, dg[1..3] = rowsum(P_b dp) (the gates' gradients). lse is +inf for a branch
+// without keys, where its mask is false anyway.
+void keys_row_backward(double* s, const double* dp, const int32_t* pos, const int32_t* flags, int64_t n,
+                       RowRule rule, const double* gate, const double* lse, double* pt, double* e, double* dg) {
+  double d[3] = {0, 0, 0};
+  for (int64_t j = 0; j < n; ++j) {
+    bool mask[3];
+    row_masks(pos[j], flags[j], rule, mask[0], mask[1], mask[2]);
+    for (int b = 0; b < 3; ++b) d[b] += (e[b * n + j] = mask[b] ? std::exp(s[j] - lse[b + 1]) : 0.0) * dp[j];
+  }
+  for (int b = 0; b < 3; ++b) dg[b + 1] = d[b];
+  for (int64_t j = 0; j < n; ++j) {
+    const double ps = gate[1] * e[j], pj = gate[2] * e[n + j], pw = gate[3] * e[2 * n + j];
     pt[j] = ps + pj + pw;
-    s[j] = ps * (dp[j] - d_slc) + pj * (dp[j] - d_jrn) + pw * (dp[j] - d_win);
+    s[j] = ps * (dp[j] - d[0]) + pj * (dp[j] - d[1]) + pw * (dp[j] - d[2]);
   }
 }
 
-// cmp backward of one row: s (scores) -> dS, pt -> g P; returns rowsum(P dp).
-template <typename T>
-__attribute__((always_inline)) inline T cmp_row_backward_impl(T* s, const T* dp, int64_t nvis, int64_t ncols, T lse,
-                                                              T gate, T* pt) {
-  T dg = 0;
-  for (int64_t j = 0; j < nvis; ++j) {
-    pt[j] = cpu::exp_nonpositive(s[j] - lse);
-    dg += pt[j] * dp[j];
+SPARSEREC_VECTOR_CLONES void keys_row_backward(float* s, const float* dp, const int32_t* pos, const int32_t* flags,
+                                               int64_t n, RowRule rule, const float* gate, const float* lse,
+                                               float* pt, float* e, float* dg) {
+  using namespace cpu::vec;
+  const f8 low = splat(-100.0f);
+  f8 d_slc = f8{}, d_jrn = f8{}, d_win = f8{};
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const KeyMasks8 mask = key_masks(pos, flags, j, rule);
+    const f8 x = load(s + j), g = load(dp + j);
+    const f8 a = mask.slc ? exp_nonpositive(mask.slc ? x - lse[1] : low) : f8{};
+    const f8 b = mask.jrn ? exp_nonpositive(mask.jrn ? x - lse[2] : low) : f8{};
+    const f8 c = mask.win ? exp_nonpositive(mask.win ? x - lse[3] : low) : f8{};
+    store(e + j, a);
+    store(e + n + j, b);
+    store(e + 2 * n + j, c);
+    d_slc += a * g;
+    d_jrn += b * g;
+    d_win += c * g;
   }
+  const float sum_slc = cpu::vec::sum(d_slc), sum_jrn = cpu::vec::sum(d_jrn), sum_win = cpu::vec::sum(d_win);
+  dg[1] = sum_slc;
+  dg[2] = sum_jrn;
+  dg[3] = sum_win;
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const f8 ps = gate[1] * load(e + j), pj = gate[2] * load(e + n + j), pw = gate[3] * load(e + 2 * n + j);
+    const f8 g = load(dp + j);
+    store(pt + j, ps + pj + pw);
+    store(s + j, ps * (g - sum_slc) + pj * (g - sum_jrn) + pw * (g - sum_win));
+  }
+}
+
+// cmp backward of a row: s (scores) -> dS, pt -> g P; returns rowsum(P dp), the cmp gate's gradient.
+double cmp_row_backward(double* s, const double* dp, int64_t nvis, int64_t ncols, double lse, double gate,
+                        double* pt) {
+  double dg = 0;
+  for (int64_t j = 0; j < nvis; ++j) dg += (pt[j] = std::exp(s[j] - lse)) * dp[j];
   for (int64_t j = 0; j < nvis; ++j) {
     s[j] = gate * pt[j] * (dp[j] - dg);
     pt[j] *= gate;
   }
-  for (int64_t j = nvis; j < ncols; ++j) s[j] = pt[j] = 0;
+  std::fill(s + nvis, s + ncols, 0.0);
+  std::fill(pt + nvis, pt + ncols, 0.0);
   return dg;
 }
 
-#define SPARSEREC_ROW_KERNELS(T)                                                                                 \
-  SPARSEREC_VECTOR_CLONES T softmax_prefix_row(T* s, int64_t nvis, int64_t ncols) {                              \
-    return softmax_prefix_row_impl<T>(s, nvis, ncols);                                                           \
-  }                                                                                                              \
-  SPARSEREC_VECTOR_CLONES void keys_row_forward(T* s, const int32_t* pos, const uint8_t* flags, int64_t n,       \
-                                                RowRule rule, const T* gate, T* lse, T* e) {                     \
-    keys_row_forward_impl<T>(s, pos, flags, n, rule, gate, lse, e);                                              \
-  }                                                                                                              \
-  SPARSEREC_VECTOR_CLONES void keys_row_backward(T* s, const T* dp, const int32_t* pos, const uint8_t* flags,    \
-                                                 int64_t n, RowRule rule, const T* gate, const T* lse, T* pt,    \
-                                                 T* e, T* dg) {                                                  \
-    keys_row_backward_impl<T>(s, dp, pos, flags, n, rule, gate, lse, pt, e, dg);                                 \
-  }                                                                                                              \
-  SPARSEREC_VECTOR_CLONES T cmp_row_backward(T* s, const T* dp, int64_t nvis, int64_t ncols, T lse, T gate,      \
-                                             T* pt) {                                                            \
-    return cmp_row_backward_impl<T>(s, dp, nvis, ncols, lse, gate, pt);                                          \
+SPARSEREC_VECTOR_CLONES float cmp_row_backward(float* s, const float* dp, int64_t nvis, int64_t ncols, float lse,
+                                               float gate, float* pt) {
+  using namespace cpu::vec;
+  const i8 limit = splat(static_cast<int32_t>(nvis));
+  f8 d = f8{};
+  for (int64_t j = 0; j < ncols; j += kLanes) {
+    const i8 in = (iota() + static_cast<int32_t>(j)) < limit;
+    const f8 p = in ? exp_nonpositive(in ? load(s + j) - lse : splat(-100.0f)) : f8{};
+    store(pt + j, p);
+    d += p * load(dp + j);
   }
-SPARSEREC_ROW_KERNELS(float)
-SPARSEREC_ROW_KERNELS(double)
-#undef SPARSEREC_ROW_KERNELS
+  const float dg = cpu::vec::sum(d);
+  for (int64_t j = 0; j < ncols; j += kLanes) {
+    const f8 p = load(pt + j);
+    store(s + j, gate * p * (load(dp + j) - dg));
+    store(pt + j, gate * p);
+  }
+  return dg;
+}
 
 // ---- per-item pieces -------------------------------------------------------------------------------
 
@@ -256,9 +348,10 @@ void choose_blocks(const std::vector<double>& importance, int64_t num_cmp_seen, 
   }
 }
 
-// The tile's key set: selected blocks, window span and visible anchors, ascending and unique.
+// The tile's key set: selected blocks, window span and visible anchors, ascending and unique; K and V
+// rows gathered. Returns the key count n (w.keys and w.flags are padded to whole vectors).
 template <typename T>
-void gather_keys(const Problem<T>& P, const BatchPlan& plan, const SeqPlan& seq, const Item& it,
+int64_t gather_keys(const Problem<T>& P, const BatchPlan& plan, const SeqPlan& seq, const Item& it,
                  const int64_t* chosen, int64_t num_chosen, Workspace<T>& w) {
   const AttnConfig& cfg = P.cfg;
   const int64_t key_end = cfg.causal ? it.q_end : seq.length;  // later keys are visible to no query here
@@ -285,7 +378,8 @@ void gather_keys(const Problem<T>& P, const BatchPlan& plan, const SeqPlan& seq,
   for (; anchor != anchor_end; ++anchor) w.keys.push_back(*anchor);
 
   const int64_t n = static_cast<int64_t>(w.keys.size()), D = P.dim, row = P.kv_heads * D;
-  w.flags.resize(n);
+  w.flags.assign(cpu::vec::padded(n), 0);
+  w.keys.resize(cpu::vec::padded(n), kNoKey);
   w.k_keys.resize(n * D);
   w.v_keys.resize(n * D);
   for (int64_t j = 0; j < n; ++j) {
@@ -297,6 +391,7 @@ void gather_keys(const Problem<T>& P, const BatchPlan& plan, const SeqPlan& seq,
     std::copy_n(P.k + offset, D, w.k_keys.data() + j * D);
     std::copy_n(P.v + offset, D, w.v_keys.data() + j * D);
   }
+  return n;
 }
 
 template <typename T>
@@ -317,24 +412,24 @@ void forward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, Wo
   w.o.resize(R * D);
 
   // cmp: softmax over the visible compressed blocks; importance = column sums of P.
-  const int64_t ncmp = P.visible_cmp(seq, it.q_end - 1);
+  const int64_t ncmp = P.visible_cmp(seq, it.q_end - 1), ld_cmp = cpu::vec::padded(ncmp);
   w.importance.assign(ncmp, 0.0);
   const T* kc = P.k_cmp + seq.cmp_start * kv_row + it.kv_head * D;
   const T* vc = P.v_cmp + seq.cmp_start * kv_row + it.kv_head * D;
-  w.s_cmp.resize(R * ncmp);
-  cpu::gemm<T>(false, true, R, ncmp, D, P.scale, w.q.data(), D, kc, kv_row, T(0), w.s_cmp.data(), ncmp);
+  w.s_cmp.resize(R * ld_cmp);
+  cpu::gemm<T>(false, true, R, ncmp, D, P.scale, w.q.data(), D, kc, kv_row, T(0), w.s_cmp.data(), ld_cmp);
   for (int64_t r = 0; r < R; ++r) {
-    T* s = w.s_cmp.data() + r * ncmp;
+    T* s = w.s_cmp.data() + r * ld_cmp;
     const int64_t head_row = P.query_row(seq, it, r);
     const T gate = P.gates[head_row * 4];
     const int64_t nvis = P.visible_cmp(seq, it.q_begin + r % nq);
-    lse[head_row * 4] = softmax_prefix_row(s, nvis, ncmp);
+    lse[head_row * 4] = softmax_prefix_row(s, nvis, ld_cmp);
     for (int64_t i = 0; i < nvis; ++i) {
       w.importance[i] += s[i];
       s[i] *= gate;
     }
   }
-  cpu::gemm<T>(false, false, R, D, ncmp, T(1), w.s_cmp.data(), ncmp, vc, kv_row, T(0), w.o.data(), D);
+  cpu::gemm<T>(false, false, R, D, ncmp, T(1), w.s_cmp.data(), ld_cmp, vc, kv_row, T(0), w.o.data(), D);
 
   // slc: the tile's top-N blocks, stored for every token of the tile (the backward reads them back).
   choose_blocks(w.importance, ncmp, seq, cfg, it.q_end - 1, w.block_score, w.order);
@@ -346,18 +441,17 @@ void forward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, Wo
   }
 
   // slc + jrn + win over the gathered keys, gated, added to the cmp output.
-  gather_keys(P, plan, seq, it, w.order.data(), num_chosen, w);
-  const int64_t n = static_cast<int64_t>(w.keys.size());
-  w.s_keys.resize(R * n);
-  w.rows.resize(3 * n);
-  cpu::gemm<T>(false, true, R, n, D, P.scale, w.q.data(), D, w.k_keys.data(), D, T(0), w.s_keys.data(), n);
+  const int64_t n = gather_keys(P, plan, seq, it, w.order.data(), num_chosen, w), ld = cpu::vec::padded(n);
+  w.s_keys.resize(R * ld);
+  w.rows.resize(4 * ld);
+  cpu::gemm<T>(false, true, R, n, D, P.scale, w.q.data(), D, w.k_keys.data(), D, T(0), w.s_keys.data(), ld);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head_row = P.query_row(seq, it, r);
     const RowRule rule{static_cast<int32_t>(it.q_begin + r % nq), static_cast<int32_t>(cfg.window), cfg.causal};
-    keys_row_forward(w.s_keys.data() + r * n, w.keys.data(), w.flags.data(), n, rule, P.gates + head_row * 4,
+    keys_row_forward(w.s_keys.data() + r * ld, w.keys.data(), w.flags.data(), ld, rule, P.gates + head_row * 4,
                      lse + head_row * 4, w.rows.data());
   }
-  cpu::gemm<T>(false, false, R, D, n, T(1), w.s_keys.data(), n, w.v_keys.data(), D, T(1), w.o.data(), D);
+  cpu::gemm<T>(false, false, R, D, n, T(1), w.s_keys.data(), ld, w.v_keys.data(), D, T(1), w.o.data(), D);
   for (int64_t r = 0; r < R; ++r) std::copy_n(w.o.data() + r * D, D, out + P.query_row(seq, it, r) * D);
 }
 
@@ -380,25 +474,26 @@ void backward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, W
   w.o.resize(R * D);  // dQ of the stacked rows
   std::vector<T> dg(R * 4, T(0));
 
-  const int64_t ncmp = P.visible_cmp(seq, it.q_end - 1);
+  const int64_t ncmp = P.visible_cmp(seq, it.q_end - 1), ld_cmp = cpu::vec::padded(ncmp);
   const T* kc = P.k_cmp + seq.cmp_start * kv_row + it.kv_head * D;
   const T* vc = P.v_cmp + seq.cmp_start * kv_row + it.kv_head * D;
-  w.s_cmp.resize(R * ncmp);
-  w.p_cmp.resize(R * ncmp);
-  w.dp.resize(R * std::max<int64_t>(ncmp, 1));
-  cpu::gemm<T>(false, true, R, ncmp, D, P.scale, w.q.data(), D, kc, kv_row, T(0), w.s_cmp.data(), ncmp);
-  cpu::gemm<T>(false, true, R, ncmp, D, T(1), w.d_out.data(), D, vc, kv_row, T(0), w.dp.data(), ncmp);
+  w.s_cmp.resize(R * ld_cmp);
+  w.p_cmp.resize(R * ld_cmp);
+  w.dp.resize(R * ld_cmp);
+  cpu::gemm<T>(false, true, R, ncmp, D, P.scale, w.q.data(), D, kc, kv_row, T(0), w.s_cmp.data(), ld_cmp);
+  cpu::gemm<T>(false, true, R, ncmp, D, T(1), w.d_out.data(), D, vc, kv_row, T(0), w.dp.data(), ld_cmp);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head_row = P.query_row(seq, it, r);
     const int64_t nvis = P.visible_cmp(seq, it.q_begin + r % nq);
-    dg[r * 4] = cmp_row_backward(w.s_cmp.data() + r * ncmp, w.dp.data() + r * ncmp, nvis, ncmp, lse[head_row * 4],
-                                 P.gates[head_row * 4], w.p_cmp.data() + r * ncmp);
+    dg[r * 4] = cmp_row_backward(w.s_cmp.data() + r * ld_cmp, w.dp.data() + r * ld_cmp, nvis, ld_cmp,
+                                 lse[head_row * 4], P.gates[head_row * 4], w.p_cmp.data() + r * ld_cmp);
   }
   part.dk_cmp.resize(ncmp * D);
   part.dv_cmp.resize(ncmp * D);
-  cpu::gemm<T>(false, false, R, D, ncmp, P.scale, w.s_cmp.data(), ncmp, kc, kv_row, T(0), w.o.data(), D);
-  cpu::gemm<T>(true, false, ncmp, D, R, P.scale, w.s_cmp.data(), ncmp, w.q.data(), D, T(0), part.dk_cmp.data(), D);
-  cpu::gemm<T>(true, false, ncmp, D, R, T(1), w.p_cmp.data(), ncmp, w.d_out.data(), D, T(0), part.dv_cmp.data(), D);
+  cpu::gemm<T>(false, false, R, D, ncmp, P.scale, w.s_cmp.data(), ld_cmp, kc, kv_row, T(0), w.o.data(), D);
+  cpu::gemm<T>(true, false, ncmp, D, R, P.scale, w.s_cmp.data(), ld_cmp, w.q.data(), D, T(0), part.dk_cmp.data(), D);
+  cpu::gemm<T>(true, false, ncmp, D, R, T(1), w.p_cmp.data(), ld_cmp, w.d_out.data(), D, T(0), part.dv_cmp.data(),
+               D);
 
   const int64_t* chosen = selection + ((seq.start + it.q_begin) * P.kv_heads + it.kv_head) * cfg.top_n;
   const int64_t num_sel = (seq.length + cfg.select_block - 1) / cfg.select_block;
@@ -409,27 +504,26 @@ void backward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, W
                 "below the sequence's ", num_sel, " selection blocks");
     ++num_chosen;
   }
-  gather_keys(P, plan, seq, it, chosen, num_chosen, w);
-  const int64_t n = static_cast<int64_t>(w.keys.size());
-  w.s_keys.resize(R * n);
-  w.p_keys.resize(R * n);
-  w.dp.resize(R * n);
-  w.rows.resize(3 * n);
-  cpu::gemm<T>(false, true, R, n, D, P.scale, w.q.data(), D, w.k_keys.data(), D, T(0), w.s_keys.data(), n);
-  cpu::gemm<T>(false, true, R, n, D, T(1), w.d_out.data(), D, w.v_keys.data(), D, T(0), w.dp.data(), n);
+  const int64_t n = gather_keys(P, plan, seq, it, chosen, num_chosen, w), ld = cpu::vec::padded(n);
+  w.s_keys.resize(R * ld);
+  w.p_keys.resize(R * ld);
+  w.dp.resize(R * ld);
+  w.rows.resize(3 * ld);
+  cpu::gemm<T>(false, true, R, n, D, P.scale, w.q.data(), D, w.k_keys.data(), D, T(0), w.s_keys.data(), ld);
+  cpu::gemm<T>(false, true, R, n, D, T(1), w.d_out.data(), D, w.v_keys.data(), D, T(0), w.dp.data(), ld);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head_row = P.query_row(seq, it, r);
     const RowRule rule{static_cast<int32_t>(it.q_begin + r % nq), static_cast<int32_t>(cfg.window), cfg.causal};
-    keys_row_backward(w.s_keys.data() + r * n, w.dp.data() + r * n, w.keys.data(), w.flags.data(), n, rule,
-                      P.gates + head_row * 4, lse + head_row * 4, w.p_keys.data() + r * n, w.rows.data(),
+    keys_row_backward(w.s_keys.data() + r * ld, w.dp.data() + r * ld, w.keys.data(), w.flags.data(), ld, rule,
+                      P.gates + head_row * 4, lse + head_row * 4, w.p_keys.data() + r * ld, w.rows.data(),
                       dg.data() + r * 4);
   }
-  part.keys = w.keys;
+  part.keys.assign(w.keys.begin(), w.keys.begin() + n);
   part.dk.resize(n * D);
   part.dv.resize(n * D);
-  cpu::gemm<T>(false, false, R, D, n, P.scale, w.s_keys.data(), n, w.k_keys.data(), D, T(1), w.o.data(), D);
-  cpu::gemm<T>(true, false, n, D, R, P.scale, w.s_keys.data(), n, w.q.data(), D, T(0), part.dk.data(), D);
-  cpu::gemm<T>(true, false, n, D, R, T(1), w.p_keys.data(), n, w.d_out.data(), D, T(0), part.dv.data(), D);
+  cpu::gemm<T>(false, false, R, D, n, P.scale, w.s_keys.data(), ld, w.k_keys.data(), D, T(1), w.o.data(), D);
+  cpu::gemm<T>(true, false, n, D, R, P.scale, w.s_keys.data(), ld, w.q.data(), D, T(0), part.dk.data(), D);
+  cpu::gemm<T>(true, false, n, D, R, T(1), w.p_keys.data(), ld, w.d_out.data(), D, T(0), part.dv.data(), D);
 
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head_row = P.query_row(seq, it, r);
