@@ -194,6 +194,12 @@ def test_bad_arguments():
         beam_search(model, trie, 2, 2)  # the model was made for batch 1
     with pytest.raises(ValueError, match="prefix_tokens must be distinct"):
         beam_search(model, trie, 1, 2, prefix_tokens=[2, 2])
+    with pytest.raises(TypeError, match="prefix_tokens must be integer token ids"):
+        beam_search(model, trie, 1, 2, prefix_tokens=[0.5])
+    with pytest.raises(ValueError, match="prefix_tokens must be non-negative"):
+        beam_search(model, trie, 1, 2, prefix_tokens=[-1, 2])
+    with pytest.raises(ValueError, match="prefix_tokens must be a non-empty 1-D"):
+        beam_search(model, trie, 1, 2, prefix_tokens=[])
 
 
 @pytest.mark.gpu

@@ -80,10 +80,17 @@ def beam_search(step_fn: StepFn, trie: Trie, batch_size: int, beam_size: int, *,
 
 
 def _prefix_trie(prefix_tokens, device) -> Trie:
-    prefix_tokens = torch.as_tensor(prefix_tokens)
+    try:
+        prefix_tokens = torch.as_tensor(prefix_tokens)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ValueError(f"prefix_tokens must be a 1-D sequence of token ids: {error}") from None
     if prefix_tokens.dim() != 1 or prefix_tokens.numel() == 0:
         raise ValueError(f"prefix_tokens must be a non-empty 1-D sequence of token ids, got shape "
                          f"{tuple(prefix_tokens.shape)}")
+    if prefix_tokens.dtype.is_floating_point or prefix_tokens.dtype.is_complex or prefix_tokens.dtype == torch.bool:
+        raise TypeError(f"prefix_tokens must be integer token ids, got {prefix_tokens.dtype}")
+    if (prefix_tokens < 0).any():
+        raise ValueError(f"prefix_tokens must be non-negative token ids, got {prefix_tokens.tolist()}")
     if prefix_tokens.unique().numel() != prefix_tokens.numel():
         raise ValueError(f"prefix_tokens must be distinct, got {prefix_tokens.tolist()}")
     return Trie(prefix_tokens.unsqueeze(1), device=device)
