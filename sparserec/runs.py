@@ -29,7 +29,8 @@ METRICS_FILE = "metrics.json"
 RUN_FILES = (RUN_FILE, CHECKPOINT_FILE, MODEL_FILE, TOKENIZER_FILE, METRICS_FILE, "savings.md")
 
 # Options that may differ when resuming: they change neither the data, the model nor the training.
-RESUME_FREE_OPTIONS = frozenset({"out", "cache", "resume", "overwrite", "test_users", "checkpoint_every"})
+RESUME_FREE_OPTIONS = frozenset({"out", "cache", "resume", "overwrite", "test_users", "checkpoint_every",
+                                 "time_limit"})
 
 
 def tokenizer_fingerprint(tokenizer) -> str | None:
