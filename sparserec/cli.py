@@ -19,6 +19,7 @@ import torch
 
 from . import runs, savings
 from .data import DATASET_NAMES, dataset_statistics, format_statistics
+from .evaluate import task_targets, tasks_for
 from .generate import Trie
 from .ops.trie import MAX_PADDED_BEAMS
 from .models import recommend as recommend_items
@@ -268,6 +269,10 @@ def cmd_train(args):
         if saved_run is not None:
             runs.check_resumable(args.out, saved_run, runs.json_options(args))
     prepared = _prepared(args)
+    _check_targets(prepared, prepared.split.valid, "validation", "--valid-users", args.valid_users,
+                   tasks=("behavior_specific",))
+    _check_targets(prepared, subsample(prepared.split.test, args.test_users), "test", "--test-users", args.test_users,
+                   tasks=("behavior_specific",) if args.model == "sasrec" else None)
     if args.model == "grace" and args.beam > max(prepared.data.num_items, MAX_PADDED_BEAMS):
         raise ValueError(f"--beam {args.beam} is larger than the {prepared.data.num_items} items of {args.dataset} "
                          "(the beam search could not fill it)")
@@ -284,6 +289,7 @@ def cmd_evaluate(args):
     model, prepared, _ = load_run(args.run, device)
     targets = prepared.split.test if args.split == "test" else prepared.split.valid
     targets = subsample(targets, args.max_users)
+    _check_targets(prepared, targets, args.split, "--max-users", args.max_users)
     name = os.path.basename(os.path.normpath(args.run))
     results = {name: evaluate(model, prepared, targets, args.beam, mask_history=args.mask_history)}
     if args.exhaustive:
@@ -292,6 +298,19 @@ def cmd_evaluate(args):
     results.update(baselines(prepared, targets, mask_history=args.mask_history))
     print(f"history masking: {'on' if args.mask_history else 'off'}")
     print(format_metrics(results))
+
+
+def _check_targets(prepared, targets, split: str, option: str, limit, tasks=None) -> None:
+    """Before any training or evaluation: each task (default: the data's) has targets in `targets`."""
+    data = prepared.data
+    if len(targets) == 0:
+        raise ValueError(f"{data.name}: the {split} split is empty ({data.num_users} users, "
+                         f"{data.num_interactions} events after filtering); use more data")
+    for task in tasks or tasks_for(data):
+        if task != "behavior_specific" and len(task_targets(data, targets, task)) == 0:
+            raise ValueError(f"{data.name}: the {len(targets)} {split} users"
+                             f"{f' drawn by {option} {limit}' if limit else ''} hold no target for the {task} "
+                             f"task ({data.target_behavior!r} events); use more users or more data")
 
 
 def _require_grace_run(directory: str, command: str) -> None:
