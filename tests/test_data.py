@@ -7,14 +7,18 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sparserec.data import (
     EMBEDDED_DIR, build_interaction_data, dataset_statistics, default_split, drop_duplicates, k_core,
     leave_one_out, load_amazon_beauty, load_dataset, load_embedded, load_generic, load_mbht_retail, load_taobao,
     mbgen_split, prepare,
 )
+from sparserec.data import data_fingerprint, fingerprint_changes
 from sparserec.data import paths as data_paths
 from sparserec.data.embedded import read_embedded
+from sparserec.data.textio import read_lines
 
 SHARED_DATA = os.environ.get(data_paths.ENV_VAR) or data_paths.DEFAULT_ROOT
 needs_shared_data = pytest.mark.skipif(
@@ -475,12 +479,6 @@ def test_real_datasets_match_their_source_notes(name, users, items, interactions
 
 
 # ---- broken files: every failure is a ValueError naming the file (and line) --------------------
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from sparserec.data import data_fingerprint, fingerprint_changes  # noqa: E402
-from sparserec.data.textio import read_lines  # noqa: E402
 
 GENERIC_EVENTS = tsv(("user", "item", "behavior", "timestamp"), ("u1", "a", "click", 1), ("u1", "b", "buy", 2),
                      ("u2", "a", "buy", 3))
