@@ -481,3 +481,23 @@ def test_huge_beam_size_is_refused_before_allocating():
     if has_extension():
         with pytest.raises(ValueError, match="beam_size=1000000000 is larger"):
             torch.ops.sparserec.trie_beam_step(log_probs, scores, nodes, trie.child_ptr, trie.node_token, 10**9, False)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@settings(max_examples=100, deadline=None)
+@given(num_nodes=st.integers(1, 12), vocab=st.integers(1, 6), beams=st.integers(1, 4), beam_size=st.integers(1, 6),
+       normalize=st.booleans(), seed=st.integers(0, 2**16))
+def test_raw_cuda_kernel_never_reads_out_of_bounds(num_nodes, vocab, beams, beam_size, normalize, seed):
+    """As test_raw_kernel_never_reads_out_of_bounds, on the CUDA kernel against the CPU one (run it
+    under `make gpu-sanitize` to have memcheck confirm no out-of-bounds access)."""
+    gen = torch.Generator().manual_seed(seed)
+    child_ptr = torch.randint(-3, num_nodes + 4, (num_nodes + 1,), generator=gen)
+    node_token = torch.randint(-2, vocab + 2, (num_nodes,), generator=gen)
+    args = (torch.randn(2, beams, vocab, generator=gen), torch.zeros(2, beams),
+            torch.randint(-1, num_nodes + 2, (2, beams), generator=gen), child_ptr, node_token)
+    on_cpu = torch.ops.sparserec.trie_beam_step(*args, beam_size, normalize)
+    on_cuda = torch.ops.sparserec.trie_beam_step(*(t.cuda() for t in args), beam_size, normalize)
+    torch.testing.assert_close(on_cuda[0].cpu(), on_cpu[0])
+    for a, b in zip(on_cuda[1:], on_cpu[1:]):
+        assert torch.equal(a.cpu(), b)
