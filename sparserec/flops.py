@@ -165,27 +165,20 @@ class KernelFlops:
 
 
 def _triton_tiles(config: JSAConfig, head_dim: int) -> dict:
-    """The tile sizes the Triton kernels launch with; an autotuned one as last chosen (before any
-    launch: its first candidate)."""
+    """The tile sizes the Triton kernels launch with, from each kernel module's launch_geometry."""
     from .triton_kernels import jsa_cmp, jsa_compress, jsa_sparse
-    from .triton_kernels.common import cdiv, next_power_of_2
 
-    def tuned(kernel, name):
-        return (getattr(kernel, "best_config", None) or kernel.configs[0]).kwargs[name]
-
-    sparse_m, sparse_n = jsa_sparse._block_sizes(config, head_dim)
+    compress = jsa_compress.launch_geometry(head_dim)
+    cmp = jsa_cmp.launch_geometry(config, head_dim)
+    sparse = jsa_sparse.launch_geometry(config, head_dim)
     return dict(
-        cmp_d=max(16, next_power_of_2(head_dim)), sparse_d=next_power_of_2(head_dim),
-        compress_fwd_c=tuned(jsa_compress._compress_fwd, "BLOCK_C"),
-        compress_dw_c=tuned(jsa_compress._compress_bwd_dw, "BLOCK_C"),
-        compress_dx_c=tuned(jsa_compress._compress_bwd_dx, "BLOCK_C"), dw_splits=jsa_compress._dw_splits,
-        cmp_m=jsa_cmp.BLOCK_M, cmp_fwd_n=tuned(jsa_cmp._cmp_fwd, "BLOCK_N"),
-        cmp_dq_n=tuned(jsa_cmp._cmp_bwd_dq, "BLOCK_N"),
-        cmp_dkv_n=jsa_cmp.BLOCK_N_DKV, cmp_dkv_m=tuned(jsa_cmp._cmp_bwd_dkv, "BLOCK_M"),
-        # As jsa_cmp.cmp_select launches _cmp_select.
-        select_m=min(64, max(16, next_power_of_2(config.select_q_block))), select_n=64,
-        select_j=min(64, max(16, next_power_of_2(cdiv(2048, config.select_block)))),
-        sparse_m=sparse_m, sparse_n=sparse_n,
+        cmp_d=cmp["block_d"], sparse_d=sparse["block_d"],
+        compress_fwd_c=compress["fwd_block_c"], compress_dw_c=compress["dw_block_c"],
+        compress_dx_c=compress["dx_block_c"], dw_splits=compress["dw_splits"],
+        cmp_m=cmp["block_m"], cmp_fwd_n=cmp["fwd_block_n"], cmp_dq_n=cmp["dq_block_n"],
+        cmp_dkv_n=cmp["dkv_block_n"], cmp_dkv_m=cmp["dkv_block_m"],
+        select_m=cmp["select_block_m"], select_n=cmp["select_block_n"], select_j=cmp["select_block_j"],
+        sparse_m=sparse["block_m"], sparse_n=sparse["block_n"], sparse_dkv_m=sparse["dkv_block_m"],
     )
 
 
@@ -232,6 +225,7 @@ def _select_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, kv_heads:
 def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors, selection, t: dict):
     """jsa_sparse, one sequence: anchors (A,) local positions; selection (n, Hkv, top_n)."""
     m, chunk, q_tile, sel_block = t["sparse_m"], t["sparse_n"], config.select_q_block, config.select_block
+    key_m = t["sparse_dkv_m"]
     group, window, causal = heads // kv_heads, config.window, config.causal
     tile_product = _matmul(m, chunk, t["sparse_d"])
 
@@ -253,23 +247,25 @@ def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors,
         per_kv_head += int(torch.where(used, _steps(lo, hi, chunk), 0).sum())
     query_chunks = heads * int(per_head.sum()) + group * per_kv_head
 
-    # Key-major (dk, dv): anchor chunks x the query rows that may see them; per key chunk of each
-    # selection block, the rows of its window and of the query tiles that selected the block.
+    # Key-major (dk, dv), key_m query rows a step: anchor chunks x the query rows that may see
+    # them; per key chunk of each selection block, the rows of its window and of the query tiles
+    # that selected the block.
     anchor_first = anchors[::chunk] if causal else torch.zeros_like(anchors[::chunk])
-    key_rows = heads * int(_steps(anchor_first, n, m).sum())
+    key_rows = heads * int(_steps(anchor_first, n, key_m).sum())
     key_lo = torch.arange(0, n, sel_block)[:, None] + torch.arange(0, sel_block, chunk)
     key_hi = torch.minimum(torch.clamp(key_lo + chunk, max=n), (key_lo // sel_block + 1) * sel_block)
     win_lo = key_lo if causal else torch.clamp(key_lo - window + 1, min=0)
-    win_rows = _steps(win_lo, torch.clamp(key_hi - 1 + window, max=n), m)
+    win_rows = _steps(win_lo, torch.clamp(key_hi - 1 + window, max=n), key_m)
     key_rows += heads * int(torch.where(key_lo < key_hi, win_rows, 0).sum())
     tiles = torch.arange(0, n, q_tile)
     picked = selection[tiles][..., None]  # (tiles, Hkv, top_n, 1)
     key_lo = picked * sel_block + torch.arange(0, sel_block, chunk)
     key_hi = torch.minimum(torch.clamp(key_lo + chunk, max=n), (picked + 1) * sel_block)
     first = tiles[:, None, None, None]
-    slc_rows = _steps(torch.maximum(first, key_lo) if causal else first, torch.clamp(first + q_tile, max=n), m)
+    slc_rows = _steps(torch.maximum(first, key_lo) if causal else first, torch.clamp(first + q_tile, max=n), key_m)
     key_rows += group * int(torch.where((picked >= 0) & (key_lo < key_hi), slc_rows, 0).sum())
-    return query_chunks * 2 * tile_product, (query_chunks * 3 + key_rows * 4) * tile_product
+    key_product = _matmul(key_m, chunk, t["sparse_d"])
+    return query_chunks * 2 * tile_product, query_chunks * 3 * tile_product + key_rows * 4 * key_product
 
 
 def _compress_flops(lengths, config: JSAConfig, kv_heads: int, t: dict):

@@ -33,9 +33,10 @@ def dot_flops(monkeypatch):
     return total
 
 
-# A query tile of 16 rows overlaps two selection tiles of 24; an empty sequence; odd head dim.
+# A query tile of 16 rows overlaps two selection tiles of 24; an empty sequence; odd head dims;
+# head dim 72 (> 64) takes the kernels' smaller key-major tiles (their launch_geometry).
 @pytest.mark.parametrize("causal, heads, kv_heads, dim, select_q_block",
-                         [(True, 4, 2, 16, 32), (False, 3, 1, 24, 24)])
+                         [(True, 4, 2, 16, 32), (False, 3, 1, 24, 24), (True, 2, 1, 72, 64)])
 def test_counter_equals_executed_tile_products(dot_flops, causal, heads, kv_heads, dim, select_q_block):
     from sparserec.ops import triton_backend
 

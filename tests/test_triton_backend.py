@@ -20,7 +20,7 @@ from sparserec import JSAConfig
 from sparserec.ops import jsa_attention, jsa_compress
 from sparserec.ops.dispatch import resolve
 from sparserec.reference import jsa_attention as reference_attention
-from sparserec.triton_kernels import common, jsa_sparse
+from sparserec.triton_kernels import common
 from sparserec.triton_kernels.common import interpreting
 from tolerance import assert_close_to_reference
 
@@ -35,7 +35,6 @@ DIFFERENTIABLE = ("q", "k", "v", "k_cmp", "v_cmp", "gates")
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(common, "POISON_ALLOCATIONS", True)
-    monkeypatch.setattr(jsa_sparse, "POISON_ALLOCATIONS", True, raising=False)
 
 
 def fixed_selection(selection, cu_seqlens):

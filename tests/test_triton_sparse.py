@@ -17,7 +17,7 @@ from jsa_inputs import make_inputs
 from sparserec import JSAConfig
 from sparserec.reference import jsa_attention
 from sparserec.reference.jsa import masked_attention, token_masks
-from sparserec.triton_kernels import jsa_sparse
+from sparserec.triton_kernels import common, jsa_sparse
 from sparserec.triton_kernels.common import interpreting
 from tolerance import assert_close_to_reference
 
@@ -32,7 +32,7 @@ LENGTHS = [1, 7, 97, 13]
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(jsa_sparse, "POISON_ALLOCATIONS", True)
+    monkeypatch.setattr(common, "POISON_ALLOCATIONS", True)
 
 
 def sparse_reference(q, k, v, gates, selection, anchor_mask, cu_seqlens, config):

@@ -3,6 +3,10 @@
 Helpers here (import what you need; none of them synchronises with the host, so every kernel
 launch stays capturable in a CUDA graph and traceable by torch.compile):
 
+  LOG2E                               log2(e) as a tl.constexpr: @triton.jit code may read a global
+                                      only when it is a constexpr (a plain float builds under the
+                                      interpreter but not for a GPU); host code reads LOG2E.value
+  HOPPER_SHARED_MEMORY                227 KiB, the shared memory one H100/H200 block may use
   interpreting()                      True under TRITON_INTERPRET=1 (kernels run on CPU tensors)
   cdiv(a, b), next_power_of_2(n)      integer helpers for grid and block sizes
   max_tiles(total, num_seqs, block)   upper bound on sum_b ceil(len_b / block): total // block + B
@@ -19,6 +23,8 @@ launch stays capturable in a CUDA graph and traceable by torch.compile):
                                       anchor_pos[cu_anchor[b]:cu_anchor[b+1]], ascending
   dot_precision(dtype)                "ieee" for fp32/fp64 (tl.dot would round fp32 to tf32), else "tf32"
   launch_configs(configs)             an autotune list; only its first entry under the interpreter
+  chosen_config(kernel)               an autotuned kernel's config as last chosen (before any launch:
+                                      its first candidate); launch_geometry functions report it
   POISON_ALLOCATIONS, empty(shape, dtype, device)
                                       outputs a kernel must write in full: NaN-filled when a test
                                       sets POISON_ALLOCATIONS = True, else torch.empty
@@ -35,6 +41,9 @@ import triton.language as tl
 # Tests set this so that every float output allocated through `empty` starts as NaN: a row a
 # kernel forgets to write cannot pass as a plausible value.
 POISON_ALLOCATIONS = False
+
+LOG2E = tl.constexpr(1.4426950408889634)
+HOPPER_SHARED_MEMORY = 227 * 1024  # bytes one H100/H200 thread block may use (opt-in maximum)
 
 
 def interpreting() -> bool:
@@ -123,6 +132,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 def launch_configs(configs):
     """Autotune candidates; the interpreter would run each one, so it gets the first only."""
     return configs[:1] if interpreting() else configs
+
+
+def chosen_config(kernel) -> triton.Config:
+    return getattr(kernel, "best_config", None) or kernel.configs[0]
 
 
 @triton.jit

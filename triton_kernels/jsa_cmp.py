@@ -24,14 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (cdiv, dot_precision, empty, jagged_tiles, launch_configs, max_tiles, next_power_of_2,
-                     tile_bounds)
+from .common import (LOG2E, cdiv, chosen_config, dot_precision, empty, jagged_tiles, launch_configs, max_tiles,
+                     next_power_of_2, tile_bounds)
 
-LOG2E = 1.4426950408889634
 # Query rows per program of the forward and dq kernels (fixed: the tile map is built before launch).
 BLOCK_M = 64
-# Compressed blocks per program of the dk/dv kernel.
-BLOCK_N_DKV = 64
 
 
 def _kv_configs():
@@ -247,11 +244,21 @@ def _cmp_bwd_dq(
     tl.store(dq_ptr + tokens[:, None] * stride_dqt + head * stride_dqh + dims[None, :], dq * sm_scale, mask=mask)
 
 
+def _dkv_configs_without_spills(configs, named_args, **kwargs):
+    """The (BLOCK_M, num_warps) pairs that built without register spills at this padded head dim
+    (tools/compile_triton.py, sm_90a); every other pair spilled in some mode, head grouping or
+    dtype. Software pipelining (num_stages > 1) of the query loop spilled at every head dim."""
+    fits = {32: {(64, 4), (64, 8)}, 64: {(64, 8), (128, 8), (32, 4)}, 128: {(128, 8), (64, 4)}}
+    allowed = fits[min(128, max(32, kwargs["BLOCK_D"]))]
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.num_warps) in allowed]
+
+
 @triton.autotune(configs=launch_configs([
-    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2),
-]), key=["HEAD_DIM", "CAUSAL", "GROUP"])
+    triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1),
+]), key=["HEAD_DIM", "CAUSAL", "GROUP"], prune_configs_by={"early_config_prune": _dkv_configs_without_spills})
 @triton.jit
 def _cmp_bwd_dkv(
     q_ptr, k_ptr, v_ptr, dout_ptr, gate_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -271,10 +278,11 @@ def _cmp_bwd_dkv(
     col_ok = cols < num_cmp
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    kv_offsets = (cmp_bos + cols).to(tl.int64)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
-    kv_mask = col_ok[:, None] & dim_ok[None, :]
-    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    # Only the per-row offsets stay live across the loops: a (BLOCK_N, BLOCK_D) int64 offset
+    # tile or mask kept for the final stores cost 64+ registers a thread and made ptxas spill.
+    kv_rows = (cmp_bos + cols).to(tl.int64) * stride_kt + kv_head * stride_kh
+    k = tl.load(k_ptr + kv_rows[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    v = tl.load(v_ptr + kv_rows[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
     if CAUSAL:
         first_row = start * CMP_STRIDE + CMP_BLOCK - 1
     else:
@@ -303,8 +311,25 @@ def _cmp_bwd_dkv(
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-    tl.store(dk_ptr + kv_offsets, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + kv_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dk_ptr + kv_rows[:, None] + dims[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty),
+             mask=col_ok[:, None] & (dims[None, :] < HEAD_DIM))
+    tl.store(dv_ptr + kv_rows[:, None] + dims[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=col_ok[:, None] & (dims[None, :] < HEAD_DIM))
+
+
+def launch_geometry(config, head_dim: int) -> dict:
+    """Tile sizes of this module's launches for a JSA config; sparserec.flops counts executed FLOPs
+    from them. An autotuned size is the one last chosen (before any launch: the first candidate)."""
+    select_block_m = min(64, max(16, next_power_of_2(config.select_q_block)))
+    return dict(
+        block_d=max(16, next_power_of_2(head_dim)), block_m=BLOCK_M,
+        fwd_block_n=chosen_config(_cmp_fwd).kwargs["BLOCK_N"], dq_block_n=chosen_config(_cmp_bwd_dq).kwargs["BLOCK_N"],
+        # Compressed blocks per dk/dv program: with 64, configs spilled at every head dim
+        # (tools/compile_triton.py); 32 halves the fp32 dk, dv and the score tiles.
+        dkv_block_n=32, dkv_block_m=chosen_config(_cmp_bwd_dkv).kwargs["BLOCK_M"],
+        select_block_m=select_block_m, select_block_n=64,
+        select_block_j=min(64, max(16, next_power_of_2(cdiv(2048, config.select_block)))),
+    )
 
 
 def _meta(q, k_cmp, config):
@@ -325,7 +350,7 @@ def cmp_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config):
     num_tiles = max_tiles(total, cu_seqlens.numel() - 1, BLOCK_M)
     tile_seq, tile_start = jagged_tiles(cu_seqlens, BLOCK_M, num_tiles)
     _cmp_fwd[(num_tiles, heads)](
-        q, k_cmp, v_cmp, out, lse, tile_seq, tile_start, cu_seqlens, cu_cmp, LOG2E / math.sqrt(dim),
+        q, k_cmp, v_cmp, out, lse, tile_seq, tile_start, cu_seqlens, cu_cmp, LOG2E.value / math.sqrt(dim),
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), lse.stride(1), BLOCK_M=BLOCK_M, **_meta(q, k_cmp, config),
     )
@@ -353,14 +378,14 @@ def cmp_select(q, k_cmp, lse, cu_seqlens, cu_cmp, config) -> torch.Tensor:
     per_tile = torch.empty(num_tiles, kv_heads, config.top_n, dtype=torch.int32, device=q.device)
     if total == 0:
         return per_tile[:0]
-    block_j = min(64, max(16, next_power_of_2(cdiv(2048, config.select_block))))
+    geometry = launch_geometry(config, dim)
     _cmp_select[(num_tiles, kv_heads)](
-        q, k_cmp, lse, per_tile, tile_seq, tile_start, cu_seqlens, cu_cmp, LOG2E / math.sqrt(dim),
+        q, k_cmp, lse, per_tile, tile_seq, tile_start, cu_seqlens, cu_cmp, LOG2E.value / math.sqrt(dim),
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse.stride(0), lse.stride(1),
         per_tile.stride(0), per_tile.stride(1),
         SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=tile, TOP_N=config.top_n,
         TOP_N_PAD=max(2, next_power_of_2(config.top_n)),
-        BLOCK_M=min(64, max(16, next_power_of_2(tile))), BLOCK_N=64, BLOCK_J=block_j,
+        BLOCK_M=geometry["select_block_m"], BLOCK_N=geometry["select_block_n"], BLOCK_J=geometry["select_block_j"],
         **_meta(q, k_cmp, config),
     )
     return per_tile[token_tiles(cu_seqlens, tile, total)]
@@ -380,7 +405,7 @@ def cmp_attention_bwd(dout, gate, q, k_cmp, v_cmp, o_cmp, lse, cu_seqlens, cu_cm
     dk_cmp, dv_cmp = empty(k_cmp.shape, k_cmp.dtype, q.device), empty(v_cmp.shape, v_cmp.dtype, q.device)
     if total == 0:
         return dq, dk_cmp, dv_cmp, dgate
-    qk_scale, sm_scale = LOG2E / math.sqrt(dim), 1.0 / math.sqrt(dim)
+    qk_scale, sm_scale = LOG2E.value / math.sqrt(dim), 1.0 / math.sqrt(dim)
     meta = _meta(q, k_cmp, config)
     num_tiles = max_tiles(total, cu_seqlens.numel() - 1, BLOCK_M)
     tile_seq, tile_start = jagged_tiles(cu_seqlens, BLOCK_M, num_tiles)
@@ -392,13 +417,14 @@ def cmp_attention_bwd(dout, gate, q, k_cmp, v_cmp, o_cmp, lse, cu_seqlens, cu_cm
     )
     num_blocks = k_cmp.shape[0]
     if num_blocks:
-        num_tiles = max_tiles(num_blocks, cu_cmp.numel() - 1, BLOCK_N_DKV)
-        tile_seq, tile_start = jagged_tiles(cu_cmp, BLOCK_N_DKV, num_tiles)
+        block_n = launch_geometry(config, dim)["dkv_block_n"]
+        num_tiles = max_tiles(num_blocks, cu_cmp.numel() - 1, block_n)
+        tile_seq, tile_start = jagged_tiles(cu_cmp, block_n, num_tiles)
         _cmp_bwd_dkv[(num_tiles, kv_heads)](
             q, k_cmp, v_cmp, dout, gate, lse, delta, dk_cmp, dv_cmp, tile_seq, tile_start, cu_seqlens, cu_cmp,
             qk_scale, sm_scale,
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), dout.stride(0), dout.stride(1),
             gate.stride(0), gate.stride(1), lse.stride(0), lse.stride(1),
-            BLOCK_N=BLOCK_N_DKV, **meta,
+            BLOCK_N=block_n, **meta,
         )
     return dq, dk_cmp, dv_cmp, dgate

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, dot_precision, empty, enumerate_jagged, launch_configs, next_power_of_2
+from .common import (HOPPER_SHARED_MEMORY, cdiv, chosen_config, dot_precision, empty, enumerate_jagged, launch_configs,
+                     next_power_of_2)
 
 
 def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block: int, stride: int) -> torch.Tensor:
@@ -39,10 +40,26 @@ def _configs():
         triton.Config({"BLOCK_C": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_C": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_C": 32}, num_warps=4, num_stages=2),
+        # fp32 at head dim 128 keeps only BLOCK_C 32 (shared memory) and its FMA dots spilled
+        # with 4 warps (tools/compile_triton.py).
+        triton.Config({"BLOCK_C": 32}, num_warps=8, num_stages=2),
     ])
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK"])
+def _fits_shared_memory(configs, named_args, **kwargs):
+    """Drop configs whose pipelined tiles would not fit a Hopper block's 227 KiB of shared memory
+    (fp32 at head dim 128 asked for up to 321 KiB: tools/compile_triton.py). The estimate,
+    num_stages buffers of a (BLOCK_C + BLOCK_D) x BLOCK_D tile, errs high; the smallest config
+    always stays."""
+    element = next(a for a in named_args.values() if isinstance(a, torch.Tensor)).element_size()
+    block_d = kwargs["BLOCK_D"]
+    fits = [c for c in configs
+            if c.num_stages * (c.kwargs["BLOCK_C"] + block_d) * block_d * element <= HOPPER_SHARED_MEMORY]
+    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_C"])]
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK"],
+                 prune_configs_by={"early_config_prune": _fits_shared_memory})
 @triton.jit
 def _compress_fwd(
     x_ptr, w_ptr, pe_ptr, out_ptr, start_ptr, num_blocks,
@@ -69,7 +86,8 @@ def _compress_fwd(
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK"],
+                 prune_configs_by={"early_config_prune": _fits_shared_memory})
 @triton.jit
 def _compress_bwd_dw(
     x_ptr, pe_ptr, dout_ptr, dw_ptr, start_ptr, num_blocks, blocks_per_split,
@@ -100,7 +118,8 @@ def _compress_bwd_dw(
              acc, mask=dim_ok[:, None] & dim_ok[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "STRIDE"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "STRIDE"],
+                 prune_configs_by={"early_config_prune": _fits_shared_memory})
 @triton.jit
 def _compress_bwd_dx(
     dout_ptr, w_ptr, dx_ptr, row_seq_ptr, row_index_ptr, cu_seqlens_ptr, cu_cmp_ptr, num_rows,
@@ -159,9 +178,18 @@ def compress_fwd(x, weight, pe, cu_seqlens, cu_cmp, num_blocks: int, block: int,
     return out
 
 
-def _dw_splits(num_blocks: int, programs: int) -> int:
+def dw_splits(num_blocks: int, programs: int) -> int:
     """Split the block reduction of dW so that about 512 programs run, at >= 128 blocks each."""
     return max(1, min(cdiv(num_blocks, 128), cdiv(512, programs)))
+
+
+def launch_geometry(head_dim: int) -> dict:
+    """Tile sizes of this module's launches; sparserec.flops counts executed FLOPs from them. Each
+    kernel's BLOCK_C is the one last chosen (before any launch: the first candidate); dW's split
+    count for (num_blocks, programs) is `dw_splits`."""
+    return dict(block_d=max(16, next_power_of_2(head_dim)), fwd_block_c=chosen_config(_compress_fwd).kwargs["BLOCK_C"],
+                dw_block_c=chosen_config(_compress_bwd_dw).kwargs["BLOCK_C"],
+                dx_block_c=chosen_config(_compress_bwd_dx).kwargs["BLOCK_C"], dw_splits=dw_splits)
 
 
 def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: int):
@@ -176,7 +204,7 @@ def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: in
     precision = dot_precision(x.dtype)
     starts = block_starts(cu_seqlens, cu_cmp, num_blocks, stride)
 
-    splits = _dw_splits(num_blocks, block * kv_heads)
+    splits = dw_splits(num_blocks, block * kv_heads)
     per_split = cdiv(num_blocks, splits)
     dw = torch.empty(splits, kv_heads, block, dim, dim, dtype=torch.float32, device=x.device)
     _compress_bwd_dw[(block, kv_heads, splits)](

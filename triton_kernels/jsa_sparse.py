@@ -41,24 +41,10 @@ import torch
 import triton
 import triton.language as tl
 
-from sparserec.config import JSAConfig
-
-from .common import (anchor_index, dot_precision, enumerate_jagged, jagged_tiles, max_tiles,
-                     next_power_of_2, tile_bounds)
-
-# Tests set this to fill every floating-point output this module allocates with NaN before the
-# kernels run, so a row that a kernel forgets to write cannot pass as a plausible value.
-POISON_ALLOCATIONS = False
+from .common import (LOG2E, anchor_index, dot_precision, empty, jagged_tiles, max_tiles, next_power_of_2,
+                      tile_bounds)
 
 NUM_BRANCHES = 3  # slc, jrn, win = gates channels 1, 2, 3
-_LOG2E = tl.constexpr(1.4426950408889634)
-_SLC, _JRN, _WIN = 0, 1, 2
-
-
-def _alloc(shape, dtype, device):
-    if POISON_ALLOCATIONS and dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -69,12 +55,26 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return size
 
 
-def _block_sizes(config: JSAConfig, head_dim: int, block_m=None, block_n=None):
-    # Query tiles divide select_q_block when they can, so a tile reads one selection; key chunks
-    # divide select_block when they can, so a chunk lies in one selection block.
+def launch_geometry(config, head_dim: int, block_m=None, block_n=None) -> dict:
+    """Tile sizes and warps of this module's launches for a JSA config: block_m query rows per
+    program of the query-major walk, block_n keys per chunk, dkv_block_m query rows per step of the
+    key-major (dk, dv) kernels, block_d padded head dim; sparserec.flops counts executed FLOPs
+    from them.
+
+    Query tiles divide select_q_block when they can, so a tile reads one selection; key chunks
+    divide select_block when they can, so a chunk lies in one selection block.
+    """
     block_m = block_m or _pow2_divisor(config.select_q_block, 64)
     block_n = block_n or _pow2_divisor(config.select_block, 64 if head_dim <= 64 else 32)
-    return block_m, block_n
+    # Head dim > 64: with 4 warps the fp32 accumulators plus the q/do and k/v tiles need more
+    # than 255 registers a thread and ptxas spills (tools/compile_triton.py); 8 warps halve that.
+    num_warps = 4 if head_dim <= 64 else 8
+    # The key-major kernels also hold fp32 dk, dv: at head dim > 64 their 64-row query steps
+    # spilled even with 8 warps; at head dim 64 with 64-key chunks, 4 warps spilled.
+    dkv_block_m = block_m if head_dim <= 64 else min(block_m, 32)
+    dkv_num_warps = 8 if head_dim > 64 or (head_dim > 32 and block_n >= 64) else 4
+    return dict(block_m=block_m, block_n=block_n, dkv_block_m=dkv_block_m, block_d=next_power_of_2(head_dim),
+                num_warps=num_warps, dkv_num_warps=dkv_num_warps)
 
 
 def _anchor_prefix(anchor_mask: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ def _anchor_prefix(anchor_mask: torch.Tensor) -> torch.Tensor:
     return prefix
 
 
-def _inverse_selection(selection, cu_seqlens, config: JSAConfig, num_blocks: int):
+def _inverse_selection(selection, cu_seqlens, config, num_blocks: int):
     """Which selection tiles chose each (selection block, kv head), as CSR, on the device.
 
     Blocks are numbered sequence by sequence, as jagged_tiles(cu_seqlens, select_block, .) does.
@@ -275,7 +275,7 @@ def _query_major_kernel(
             tl.store(DGates + rows_global * stride_dgt + h * stride_dgh + branch * stride_dgc,
                      dgate.to(DGates.dtype.element_ty), mask=row_ok)
             tl.store(Delta + stat, delta, mask=row_ok)
-            lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * _LOG2E
+            lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
             total, _, _ = _walk_branch(
                 total, lse2, lse2, q, do, lse2, delta, gate, K, V, Sel, AnchorList, AnchorPrefix,
                 stride_kt, stride_kd, stride_vt, stride_vd, stride_st, stride_sn,
@@ -295,7 +295,7 @@ def _query_major_kernel(
             seen = l_i > 0.0
             l_safe = tl.where(seen, l_i, 1.0)
             o_branch = acc / l_safe[:, None]
-            tl.store(Lse + stat, tl.where(seen, (m_i + tl.log2(l_safe)) / _LOG2E, float("inf")),
+            tl.store(Lse + stat, tl.where(seen, (m_i + tl.log2(l_safe)) / LOG2E, float("inf")),
                      mask=row_ok)
             if STORE_BRANCHES:
                 tl.store(Branches + branch_rows[:, None] + offs_d[None, :],
@@ -322,7 +322,7 @@ def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, rows, row_ok, h, bran
     q = _load_rows(Q, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
     do = _load_rows(DO, rows, row_ok, stride_dot, offs_d, d_ok, stride_dod)
     stat = (branch * num_heads + h).to(tl.int64) * total_tokens + rows
-    lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * _LOG2E
+    lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
     gate = tl.load(G + rows.to(tl.int64) * stride_gt + (1 + branch) * stride_gc,
                    mask=row_ok, other=0.0).to(tl.float32)
@@ -486,8 +486,9 @@ def _local_dkdv_kernel(
 
 
 def _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, lse, branches,
-                 dout, delta, dgates, block_m, block_n):
+                 dout, delta, dgates, geometry):
     total, heads, dim = q.shape
+    block_m = geometry["block_m"]
     backward = dout is not None
     anchor_list, anchor_prefix = anchors
     num_programs = max_tiles(total, cu_seqlens.shape[0] - 1, block_m)
@@ -501,59 +502,61 @@ def _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, ls
         dgates_,
         *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *selection.stride(),
         *out.stride(), *dout_.stride(), *dgates_.stride(),
-        total, heads, _LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5,
+        total, heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5,
         GROUP=heads // k.shape[1], HEAD_DIM=dim, TOP_N=config.top_n,
         SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
         WINDOW=config.window, CAUSAL=config.causal, BACKWARD=backward,
-        STORE_BRANCHES=branches is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=next_power_of_2(dim), PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        STORE_BRANCHES=branches is not None, BLOCK_M=block_m, BLOCK_N=geometry["block_n"],
+        BLOCK_D=geometry["block_d"], PRECISION=dot_precision(q.dtype), num_warps=geometry["num_warps"],
+        num_stages=2,
     )
 
 
-def sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens, config: JSAConfig,
+def sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens, config,
                          store_branches: bool = False, block_m=None, block_n=None):
     """Gated slc + jrn + win attention -> (out, lse, branches or None); see the module doc."""
     total, heads, dim = q.shape
-    block_m, block_n = _block_sizes(config, dim, block_m, block_n)
-    out = _alloc(q.shape, q.dtype, q.device)
-    lse = _alloc((NUM_BRANCHES, heads, total), torch.float32, q.device)
-    branches = _alloc((NUM_BRANCHES, total, heads, dim), q.dtype, q.device) if store_branches else None
+    geometry = launch_geometry(config, dim, block_m, block_n)
+    out = empty(q.shape, q.dtype, q.device)
+    lse = empty((NUM_BRANCHES, heads, total), torch.float32, q.device)
+    branches = empty((NUM_BRANCHES, total, heads, dim), q.dtype, q.device) if store_branches else None
     if total == 0:
         return out, lse, branches
     anchors = (anchor_index(anchor_mask, cu_seqlens)[0], _anchor_prefix(anchor_mask))
     _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, lse, branches,
-                 None, None, None, block_m, block_n)
+                 None, None, None, geometry)
     return out, lse, branches
 
 
 def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlens,
-                         config: JSAConfig, branches, lse, block_m=None, block_n=None):
+                         config, branches, lse, block_m=None, block_n=None):
     """-> (dq, dk, dv, dgates (T_total, H, 3)); `branches` and `lse` come from the forward."""
     total, heads, dim = q.shape
     kv_heads = k.shape[1]
     batch = cu_seqlens.shape[0] - 1
-    block_m, block_n = _block_sizes(config, dim, block_m, block_n)
-    dq = _alloc(q.shape, q.dtype, q.device)
-    dk = _alloc(k.shape, k.dtype, k.device)
-    dv = _alloc(v.shape, v.dtype, v.device)
-    dgates = _alloc((total, heads, NUM_BRANCHES), gates.dtype, gates.device)
+    geometry = launch_geometry(config, dim, block_m, block_n)
+    block_n = geometry["block_n"]
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    dgates = empty((total, heads, NUM_BRANCHES), gates.dtype, gates.device)
     if total == 0:
         return dq, dk, dv, dgates
     anchor_list, cu_anchor = anchor_index(anchor_mask, cu_seqlens)
     anchor_prefix = _anchor_prefix(anchor_mask)
-    delta = _alloc((NUM_BRANCHES, heads, total), torch.float32, q.device)
+    delta = empty((NUM_BRANCHES, heads, total), torch.float32, q.device)
     _query_major(q, k, v, gates, selection, (anchor_list, anchor_prefix), cu_seqlens, config,
-                 dq, lse, branches, dout, delta, dgates, block_m, block_n)
+                 dq, lse, branches, dout, delta, dgates, geometry)
 
-    shared = dict(GROUP=heads // kv_heads, HEAD_DIM=dim, CAUSAL=config.causal, BLOCK_M=block_m,
-                  BLOCK_N=block_n, BLOCK_D=next_power_of_2(dim), PRECISION=dot_precision(q.dtype),
-                  num_warps=4, num_stages=2)
+    shared = dict(GROUP=heads // kv_heads, HEAD_DIM=dim, CAUSAL=config.causal, BLOCK_M=geometry["dkv_block_m"],
+                  BLOCK_N=block_n, BLOCK_D=geometry["block_d"], PRECISION=dot_precision(q.dtype),
+                  num_warps=geometry["dkv_num_warps"], num_stages=2)
     strides = (*q.stride(), *k.stride(), *v.stride(), *gates.stride(), *dout.stride())
-    scalars = (total, heads, kv_heads, _LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5)
+    scalars = (total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5)
 
     # jrn part of dk/dv, fp32, by anchor rank (rows past the anchor count stay unwritten).
-    dk_anchor = _alloc((total, kv_heads, dim), torch.float32, q.device)
-    dv_anchor = _alloc((total, kv_heads, dim), torch.float32, q.device)
+    dk_anchor = empty((total, kv_heads, dim), torch.float32, q.device)
+    dv_anchor = empty((total, kv_heads, dim), torch.float32, q.device)
     num_chunks = max_tiles(total, batch, block_n)
     chunk_seq, chunk_start = jagged_tiles(cu_anchor, block_n, num_chunks)
     _anchor_dkdv_kernel[(num_chunks, kv_heads)](
