@@ -75,8 +75,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> trie_beam_step_cpu(
         const float base = beam_score[row * beams + beam];
         const int64_t parent_node = node[row * beams + beam];
         if (!(base > kNegInf) || parent_node < 0 || parent_node >= num_nodes) continue;
-        const int64_t first = children[parent_node], last = children[parent_node + 1];
-        if (first < 0 || last < first || last > num_nodes) continue;  // arrays not from a checked Trie
+        // A valid node has at most V children (distinct tokens below V), and its run lies inside the
+        // node array; a run that does not (arrays not from a checked Trie) is cut at V, then
+        // dropped if still outside, exactly as the CUDA kernel does.
+        const int64_t first = children[parent_node];
+        const int64_t count = std::min(children[parent_node + 1] - first, vocab);
+        if (first < 0 || count < 0 || first > num_nodes - count) continue;
+        const int64_t last = first + count;
         const float* lp = log_prob + (row * beams + beam) * vocab;
         float log_normalizer = 0.f;
         if (normalize) {  // log-sum-exp over the valid children

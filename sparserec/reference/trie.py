@@ -8,8 +8,8 @@ reference of the compiled kernels and the fallback when they are missing.
 Order of the results (shared with the kernels): best score first; equal scores go to the lower
 parent beam, then the lower token; scores compare by their bits (so -0.0 ranks below +0.0).
 Candidates whose score is -inf or NaN are dropped; so are beams scoring -inf, beams whose node is
-outside the trie or whose child run leaves [0, num_nodes], and children whose token is outside
-[0, V). Missing results: -inf / -1.
+outside the trie or whose child run (cut at V children) leaves [0, num_nodes], and children whose
+token is outside [0, V). Missing results: -inf / -1.
 
 Inputs are trusted here; `sparserec.ops.trie_beam_step` validates them.
 """
@@ -85,10 +85,13 @@ def trie_beam_step(log_probs: torch.Tensor, beam_scores: torch.Tensor, nodes: to
         max_fanout = int((child_ptr[1:] - child_ptr[:-1]).max())
     in_trie = (nodes >= 0) & (nodes < num_nodes)
     safe_nodes = torch.where(in_trie, nodes, 0)
-    first_child, last_child = child_ptr[safe_nodes], child_ptr[safe_nodes + 1]
-    run_in_trie = (first_child >= 0) & (first_child <= last_child) & (last_child <= num_nodes)
+    first_child = child_ptr[safe_nodes]
+    # A valid node has at most V children inside the node array; other runs (arrays not from a
+    # checked Trie) are cut at V, then dropped if still outside, as in the kernels.
+    run_length = (child_ptr[safe_nodes + 1] - first_child).clamp(max=vocab)
+    run_in_trie = (first_child >= 0) & (run_length >= 0) & (first_child <= num_nodes - run_length)
     live = in_trie & run_in_trie & (beam_scores > float("-inf"))
-    num_children = torch.where(live, last_child - first_child, 0)
+    num_children = torch.where(live, run_length, 0)
 
     slot = torch.arange(max_fanout, device=nodes.device)
     valid = slot < num_children.unsqueeze(-1)  # (B, K, F)
