@@ -127,7 +127,10 @@ def test_load_dataset_reads_a_generic_folder(tmp_path):
     ("interactions.tsv", ["user\titem\ttimestamp", "u\ti\t1", "u\ti\tnan"], 3, "timestamp must be a finite"),
     ("interactions.tsv", ["user\titem\ttimestamp", "\ti\t1"], 2, "empty user or item"),
     ("interactions.tsv.gz", ["user\titem\ttimestamp", "u\ti\t1", "", "u\ti\t2\textra"], 4, "expected 3"),
-    ("items.tsv", ["item\tprice", "i\t3.5", "i\tcheap"], 3, "price must be a finite number"),
+    ("items.tsv", ["item\tprice", "i\tcheap"], 2, "price must be a finite number"),
+    ("items.tsv", ["item\tprice", "i\t3.5", "i\t4"], 3, "item 'i' is described twice \\(first on line 2\\)"),
+    ("interactions.tsv", ["user\titem\tuser\ttimestamp", "u\ti\tv\t1"], 1, "names a column twice"),
+    ("items.tsv", ["item\t\tprice", "i\tx\t1"], 1, "leaves one unnamed"),
     ("items.tsv", ["sku\tprice", "i\t3.5"], 1, "missing \\['item'\\]"),
 ])
 def test_generic_malformed_files_name_file_and_line(tmp_path, file, lines, line, message):

@@ -86,6 +86,9 @@ def _read_table(path, required_columns, max_lines=None):
         raise line_error(path, number, "the file is empty; it needs a header line naming the columns "
                                        f"{list(required_columns)}")
     names = header.split("\t")
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated or "" in names:
+        raise line_error(path, number, f"header names a column twice or leaves one unnamed: {names}")
     missing = [c for c in required_columns if c not in names]
     if missing:
         raise line_error(path, number, f"header must name the columns {list(required_columns)}; "
@@ -106,9 +109,12 @@ def _read_table(path, required_columns, max_lines=None):
 def _read_items(path, wanted):
     columns, rows = _read_table(path, ("item",))
     described = [c for c in columns if c not in ("item", "text")]
-    attributes = {}
+    attributes, seen = {}, {}
     for number, row in rows:
         item = row[columns["item"]]
+        if item in seen:
+            raise line_error(path, number, f"item {item!r} is described twice (first on line {seen[item]})")
+        seen[item] = number
         if item not in wanted:
             continue
         value = {c: row[columns[c]] if c in columns else "" for c in ATTRIBUTE_COLUMNS}
