@@ -15,6 +15,7 @@ its order matters; ties keep file order). Extra columns are ignored.
     sku42   running shoes   59.90   Acme    light trail...  red
 
 `product_type`, `price` (a number) and `brand` feed the CoT tokens; an empty cell is missing.
+Each header names every column once, and each item is described at most once.
 The embedding text is `text` followed by "column: value." for every other non-empty column, in
 file order (the attributes are described to the text model too). Items absent from the file get
 every attribute missing.
