@@ -156,16 +156,6 @@ def test_compiled_op_rejects_bad_input(change, match):
         torch.ops.sparserec.jsa_select(*args.values())
 
 
-@needs_extension
-@pytest.mark.parametrize("causal", [False, True])
-def test_cpp_backend_attention_equals_reference(causal):
-    config = JSAConfig(block=8, stride=4, select_block=8, top_n=2, select_q_block=16, window=8, causal=causal)
-    inputs = make_inputs([1, 97, 0, 40], config, heads=4, kv_heads=2, seed=5)
-    out = jsa_attention(*inputs.attention_args(), config=config, backend="cpp")
-    ref = jsa_attention(*inputs.attention_args(), config=config, backend="reference")
-    assert torch.equal(out, ref)
-
-
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

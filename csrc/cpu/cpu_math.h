@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <new>
+#include <vector>
 
 // x86-64 builds of torch export MKL's Fortran BLAS; declared weak so the extension still loads
 // against a torch without them (then the GEMM goes through at::mm, slower but correct).
@@ -16,6 +18,7 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
 // Hot row loops are written on 8-lane vectors (GCC vector extensions) and compiled for AVX2+FMA and
@@ -29,6 +32,40 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace sparserec {
 namespace cpu {
+
+// Scope in which this thread's BLAS calls stay on this thread: the kernels parallelise over work items
+// themselves, and MKL's results for one call depend on how many threads it may use. On leaving, the
+// thread follows torch's global setting again.
+class SequentialBlas {
+ public:
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(0);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+};
+
+// Allocator for kernel workspaces: 64-byte aligned, because MKL's results may depend on the operands'
+// alignment, and results must not depend on which thread's buffer a work item used.
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlignment{64};
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlignment)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlignment); }
+  template <typename U>
+  bool operator==(const AlignedAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const AlignedAllocator<U>&) const { return false; }
+};
+template <typename T>
+using Buffer = std::vector<T, AlignedAllocator<T>>;
 
 template <typename T>
 at::ScalarType scalar_type_of();

@@ -75,7 +75,7 @@ struct Problem {
 
 template <typename T>
 struct Workspace {
-  std::vector<T> q, d_out, o, s_cmp, p_cmp, s_keys, p_keys, dp, k_keys, v_keys, rows;
+  cpu::Buffer<T> q, d_out, o, s_cmp, p_cmp, s_keys, p_keys, dp, k_keys, v_keys, rows;
   std::vector<double> importance, block_score;
   std::vector<int64_t> order;
   std::vector<int32_t> keys, flags;  // padded to whole vectors with keys no branch sees
@@ -395,7 +395,7 @@ int64_t gather_keys(const Problem<T>& P, const BatchPlan& plan, const SeqPlan& s
 }
 
 template <typename T>
-void gather_rows(const Problem<T>& P, const SeqPlan& seq, const Item& it, const T* src, std::vector<T>& dst) {
+void gather_rows(const Problem<T>& P, const SeqPlan& seq, const Item& it, const T* src, cpu::Buffer<T>& dst) {
   const int64_t rows = P.group * (it.q_end - it.q_begin), D = P.dim;
   dst.resize(rows * D);
   for (int64_t r = 0; r < rows; ++r) std::copy_n(src + P.query_row(seq, it, r) * D, D, dst.data() + r * D);
@@ -459,7 +459,7 @@ void forward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, Wo
 template <typename T>
 struct KeyGrads {
   std::vector<int32_t> keys;
-  std::vector<T> dk, dv, dk_cmp, dv_cmp;
+  cpu::Buffer<T> dk, dv, dk_cmp, dv_cmp;
 };
 
 template <typename T>
@@ -472,7 +472,7 @@ void backward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, W
   gather_rows(P, seq, it, P.q, w.q);
   gather_rows(P, seq, it, grad_out, w.d_out);
   w.o.resize(R * D);  // dQ of the stacked rows
-  std::vector<T> dg(R * 4, T(0));
+  cpu::Buffer<T> dg(R * 4, T(0));
 
   const int64_t ncmp = P.visible_cmp(seq, it.q_end - 1), ld_cmp = cpu::vec::padded(ncmp);
   const T* kc = P.k_cmp + seq.cmp_start * kv_row + it.kv_head * D;
@@ -614,6 +614,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jsa_attention_cpu(
     const Problem<scalar_t> P = make_problem<scalar_t>(qc, kc, vc, kcc, vcc, gc, ac, cfg);
     const int64_t num_items = static_cast<int64_t>(plan.items.size());
     at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+      const cpu::SequentialBlas sequential_blas;
       Workspace<scalar_t> w;
       for (int64_t i = begin; i < end; ++i) {
         forward_item(P, plan, plan.items[i], w, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
@@ -664,6 +665,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t wave_end = std::min(num_items, wave_begin + wave);
       parts.assign(wave_end - wave_begin, KeyGrads<T>{});
       at::parallel_for(wave_begin, wave_end, 1, [&](int64_t begin, int64_t end) {
+        const cpu::SequentialBlas sequential_blas;
         Workspace<T> w;
         for (int64_t i = begin; i < end; ++i) {
           backward_item(P, plan, plan.items[i], w, goc.data_ptr<T>(), lc.data_ptr<T>(), sc.data_ptr<int64_t>(),

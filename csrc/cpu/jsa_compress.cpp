@@ -25,6 +25,7 @@ void compress_forward(const T* x, const T* weight, const T* pe, const std::vecto
   }
   const int64_t num_items = static_cast<int64_t>(seqs.size()) * heads;
   at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+    const cpu::SequentialBlas sequential_blas;
     for (int64_t item = begin; item < end; ++item) {
       const CompressSeq& seq = seqs[item / heads];
       const int64_t h = item % heads;
@@ -48,6 +49,7 @@ void compress_backward(const T* grad, const T* x, const T* weight, const T* pe, 
   // dx rows of one (sequence, head): block r's rows are disjoint for fixed r, and r runs serially.
   const int64_t num_items = static_cast<int64_t>(seqs.size()) * heads;
   at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+    const cpu::SequentialBlas sequential_blas;
     for (int64_t item = begin; item < end; ++item) {
       const CompressSeq& seq = seqs[item / heads];
       const int64_t h = item % heads;
@@ -66,6 +68,7 @@ void compress_backward(const T* grad, const T* x, const T* weight, const T* pe, 
       for (int64_t i = 0; i < row; ++i) grad_sum[i] += grad[(seq.block_start + c) * row + i];
   }
   at::parallel_for(0, heads * block, 1, [&](int64_t begin, int64_t end) {
+    const cpu::SequentialBlas sequential_blas;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / block, r = item % block;
       T* dw = grad_weight + item * dim * dim;

@@ -39,7 +39,7 @@ if has_extension():
 
     @torch.library.register_fake("sparserec::jsa_compress_backward")
     def _compress_backward_fake(grad, x, weight, pe, cu_seqlens, cu_cmp, block, stride):
-        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(pe)
+        return tuple(t.new_empty(t.shape) for t in (x, weight, pe))  # the kernels return contiguous tensors
 
     def _compress_setup(ctx, inputs, output):
         x, weight, pe, cu_seqlens, cu_cmp, block, stride, _ = inputs
@@ -59,13 +59,13 @@ if has_extension():
                         top_n, select_q_block, window, causal):
         torch._check(q.dim() == 3 and k.dim() == 3, lambda: "jsa_attention: q and k must be 3-D")
         total, heads, _ = q.shape
-        return (torch.empty_like(q), q.new_empty((total, heads, 4)),
+        return (q.new_empty(q.shape), q.new_empty((total, heads, 4)),
                 q.new_empty((total, k.shape[1], top_n), dtype=torch.long))
 
     @torch.library.register_fake("sparserec::jsa_attention_backward")
     def _attention_backward_fake(grad_out, q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, lse,
                                  selection, block, stride, select_block, top_n, select_q_block, window, causal):
-        return tuple(torch.empty_like(t) for t in (q, k, v, k_cmp, v_cmp, gates))
+        return tuple(t.new_empty(t.shape) for t in (q, k, v, k_cmp, v_cmp, gates))
 
     def _attention_setup(ctx, inputs, output):
         *tensors, block, stride, select_block, top_n, select_q_block, window, causal = inputs
