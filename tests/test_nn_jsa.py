@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import sparserec
 from jsa_inputs import cu_from_lengths
 from sparserec import JSAConfig
 from sparserec.nn import JourneySparseAttention
@@ -63,3 +64,31 @@ def test_bad_module_input():
         JourneySparseAttention(32, 4, 3)
     with pytest.raises(ValueError, match="compress must be one of"):
         JourneySparseAttention(32, 4, compress="conv")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_mlp_compressor_is_the_flattened_block_mlp(backend):
+    """The mlp compressor runs on jsa_compress; it must equal NSA's φ written out: gather each block,
+    flatten it with pe, apply the head's Linear-GELU-Linear. Forward and gradients, fp64."""
+    if sparserec.backends()[backend] is not None:
+        pytest.skip(sparserec.backends()[backend])
+    from sparserec.nn.jsa import MLPCompressor
+    from sparserec.reference.jsa import compress_block_index
+
+    torch.manual_seed(1)
+    compressor = MLPCompressor(kv_heads=2, block=8, head_dim=4).double()
+    with torch.no_grad():
+        compressor.pe.normal_()
+    cu_seqlens = cu_from_lengths([20, 5, 33])
+    x = torch.randn(58, 2, 4, dtype=torch.float64, requires_grad=True)
+    out, cu_cmp = compressor(x, cu_seqlens, 8, 4, backend=backend)
+    index, expected_cu = compress_block_index(cu_seqlens, 8, 4)
+    blocks = (x[index] + compressor.pe.transpose(0, 1)).permute(2, 0, 1, 3)  # (Hkv, Tc, block, D)
+    expected = torch.stack([mlp(b.flatten(1)) for mlp, b in zip(compressor.heads, blocks)], dim=1)
+    assert torch.equal(cu_cmp, expected_cu)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    params = [x, compressor.pe, *compressor.parameters()]
+    for a, b in zip(torch.autograd.grad(out, params, grad, allow_unused=True),
+                    torch.autograd.grad(expected, params, grad, allow_unused=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)

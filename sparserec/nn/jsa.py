@@ -7,13 +7,16 @@ from torch import nn
 from ..config import JSAConfig
 from ..flops import jsa_flops
 from ..ops import jsa_attention, jsa_compress
-from ..reference.jsa import compress_block_index
 
 COMPRESS_MODES = ("mlp", "linear")
 
 
 class MLPCompressor(nn.Module):
-    """NSA's φ per kv head: the flattened block plus `pe` through Linear(l·D→D), GELU, Linear(D→D)."""
+    """NSA's φ per kv head: the flattened block plus `pe` through Linear(l·D→D), GELU, Linear(D→D).
+
+    The first Linear of a flattened block is exactly the linear compression (`jsa_compress` with
+    W_r = its weight's r-th D×D slice), so it runs on the same kernels as compress="linear".
+    """
 
     def __init__(self, kv_heads: int, block: int, head_dim: int):
         super().__init__()
@@ -23,10 +26,14 @@ class MLPCompressor(nn.Module):
             for _ in range(kv_heads)
         )
 
-    def forward(self, x, cu_seqlens, block: int, stride: int):
-        index, cu_cmp = compress_block_index(cu_seqlens, block, stride)
-        blocks = (x[index] + self.pe.transpose(0, 1)).permute(2, 0, 1, 3)  # (Hkv, Tc, block, D)
-        out = torch.stack([mlp(b.flatten(1)) for mlp, b in zip(self.heads, blocks)], dim=1)
+    def forward(self, x, cu_seqlens, block: int, stride: int, backend: str = "auto"):
+        dim = x.shape[-1]
+        # Linear weight (D_out, l·D_in) -> (l, D_in, D_out) per head, stacked over kv heads.
+        first = torch.stack([mlp[0].weight.view(dim, block, dim).permute(1, 2, 0) for mlp in self.heads])
+        hidden, cu_cmp = jsa_compress(x, first, self.pe, cu_seqlens, block, stride, backend=backend)
+        hidden = nn.functional.gelu(hidden + torch.stack([mlp[0].bias for mlp in self.heads]))
+        second = torch.stack([mlp[2].weight for mlp in self.heads])  # (Hkv, D_out, D_in)
+        out = torch.einsum("chi,hoi->cho", hidden, second) + torch.stack([mlp[2].bias for mlp in self.heads])
         return out, cu_cmp
 
 
@@ -97,9 +104,8 @@ class JourneySparseAttention(nn.Module):
         k = self.k_proj(x).view(total, kv_heads, dim)
         v = self.v_proj(x).view(total, kv_heads, dim)
         gates = torch.sigmoid(self.gate_proj(x)).view(total, heads, 4)
-        extra = {"backend": self.backend} if self.compress == "linear" else {}
-        k_cmp, cu_cmp = self.k_compress(k, cu_seqlens, self.config.block, self.config.stride, **extra)
-        v_cmp, _ = self.v_compress(v, cu_seqlens, self.config.block, self.config.stride, **extra)
+        k_cmp, cu_cmp = self.k_compress(k, cu_seqlens, self.config.block, self.config.stride, backend=self.backend)
+        v_cmp, _ = self.v_compress(v, cu_seqlens, self.config.block, self.config.stride, backend=self.backend)
         if anchor_mask is None:
             anchor_mask = torch.zeros(total, dtype=torch.bool, device=x.device)
         out = jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp,

@@ -3,7 +3,8 @@
 Backends (fastest first per device):
   triton     fused Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
   cuda       PyTorch math with the compiled CUDA top-N selection (sparserec._C built with CUDA)
-  cpp        PyTorch math with the compiled C++ top-N selection (sparserec._C, CPU tensors)
+  cpp        fused C++ kernels: compression, and cmp + top-N + slc/jrn/win + gates in one pass, fwd and bwd
+             (sparserec._C, CPU float32/float64 tensors)
   reference  the pure-PyTorch executable spec (any device)
 """
 import importlib
