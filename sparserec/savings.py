@@ -5,6 +5,8 @@ users' histories so that journeys and anchors stay realistic) this reports:
 - attention FLOPs per encoder pass (all layers): dense, and JSA's useful FLOPs from
   `sparserec.flops.jsa_flops` (slc counted at its upper bound, so savings are never overstated);
 - encoder-forward latency of both models (median of `repeats` timed runs after one warm-up);
+- encoder forward+backward time (what a training step spends in the encoder; the decoder is the
+  same in both models);
 - per-user recommend latency (encode + trie-constrained beam search, batch of one).
 Both models share every setting but the encoder attention; latency does not depend on the
 weights, so the dense model is freshly initialised.
@@ -32,6 +34,8 @@ class SavingsRow:
     jsa_gflops: float
     dense_ms: float
     jsa_ms: float
+    dense_train_ms: float
+    jsa_train_ms: float
     dense_recommend_ms: float | None = None
     jsa_recommend_ms: float | None = None
 
@@ -42,6 +46,10 @@ class SavingsRow:
     @property
     def latency_ratio(self) -> float:
         return self.dense_ms / self.jsa_ms
+
+    @property
+    def train_ratio(self) -> float:
+        return self.dense_train_ms / self.jsa_train_ms
 
 
 def chained_histories(data, interactions: int, count: int, seed: int = 0):
@@ -92,6 +100,13 @@ def median_ms(function, repeats: int) -> float:
     return statistics.median(times)
 
 
+def encoder_forward_backward(model: GRACE, packed: PackedHistories):
+    """One encoder forward and backward (gradients of the sum of the encoder states)."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        model.encode(*packed).states.sum().backward()
+
+
 @torch.no_grad()
 def measure(jsa_model: GRACE, batches, trie: Trie | None = None, beam_size: int = 20, repeats: int = 5,
             progress: bool = True):
@@ -106,9 +121,10 @@ def measure(jsa_model: GRACE, batches, trie: Trie | None = None, beam_size: int 
     for label, packed in tqdm(batches, desc="bench", disable=not progress):
         packed = PackedHistories(*(tensor.to(device) for tensor in packed))
         sequences = len(packed.cu_seqlens) - 1
-        latency, recommend_latency = {}, {}
+        latency, train_latency, recommend_latency = {}, {}, {}
         for name, model in models.items():
             latency[name] = median_ms(lambda: model.encode(*packed), repeats)
+            train_latency[name] = median_ms(lambda: encoder_forward_backward(model, packed), repeats)
             if trie is not None:
                 first = int(packed.cu_seqlens[1])
                 single = (packed.tokens[:first], packed.cu_seqlens[:2], packed.anchor_mask[:first])
@@ -116,7 +132,8 @@ def measure(jsa_model: GRACE, batches, trie: Trie | None = None, beam_size: int 
         rows.append(SavingsRow(
             label, sequences, packed.tokens.shape[0] / sequences,
             attention_flops(jsa_model, packed, dense=True) / 1e9, attention_flops(jsa_model, packed, dense=False) / 1e9,
-            latency["dense"], latency["jsa"], recommend_latency.get("dense"), recommend_latency.get("jsa")))
+            latency["dense"], latency["jsa"], train_latency["dense"], train_latency["jsa"],
+            recommend_latency.get("dense"), recommend_latency.get("jsa")))
     return rows
 
 
@@ -126,8 +143,9 @@ def format_table(rows, device: str) -> str:
         f"Encoder attention FLOPs per pass and latency on {device} (median ms; ratios are dense / JSA)",
         "",
         "| histories | seqs | tokens/seq | dense GFLOP | JSA GFLOP | FLOP saving | dense encode ms | JSA encode ms "
-        "| encode speedup | dense recommend ms/user | JSA recommend ms/user |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| encode speedup | dense enc. fwd+bwd ms | JSA enc. fwd+bwd ms | fwd+bwd speedup "
+        "| dense recommend ms/user | JSA recommend ms/user |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         recommend_cells = ("-", "-") if row.jsa_recommend_ms is None else (
@@ -135,5 +153,6 @@ def format_table(rows, device: str) -> str:
         lines.append(
             f"| {row.label} | {row.sequences} | {row.tokens_per_sequence:.0f} | {row.dense_gflops:.3f} | "
             f"{row.jsa_gflops:.3f} | {row.flop_ratio:.2f}x | {row.dense_ms:.1f} | {row.jsa_ms:.1f} | "
-            f"{row.latency_ratio:.2f}x | {recommend_cells[0]} | {recommend_cells[1]} |")
+            f"{row.latency_ratio:.2f}x | {row.dense_train_ms:.1f} | {row.jsa_train_ms:.1f} | {row.train_ratio:.2f}x | "
+            f"{recommend_cells[0]} | {recommend_cells[1]} |")
     return "\n".join(lines)
