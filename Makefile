@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install demo test gpu-test gpu-sanitize cuda-compile bench gpu-train
+.PHONY: install demo test gpu-test gpu-sanitize cuda-compile gpu-compile gpu-check bench gpu-train
 
 # The environment's torch is used as is (never a second copy); on a machine without torch this
 # installs the CPU build first. --no-build-isolation builds with this environment's packages, so
@@ -14,13 +14,25 @@ install:
 demo: install
 	$(PYTHON) -m sparserec.cli demo
 
-test: install cuda-compile
+test: install cuda-compile gpu-compile
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests
 
 # Compiles every .cu file with nvcc for Hopper (when nvcc exists), so CUDA code is checked on
 # CPU-only machines too; nothing built here runs.
 cuda-compile:
 	$(PYTHON) tools/compile_cuda.py
+
+# Compiles every Triton kernel for Hopper (sm_90a) with every autotune config on a covering set of
+# shapes, with a stand-in driver (no GPU needed); fails on a compile error, a register spill or
+# shared memory above 227 KiB, and prints registers, spills, shared memory and wgmma per build.
+gpu-compile:
+	$(PYTHON) tools/compile_triton.py
+
+# The one command to run first on a GPU machine (H100/H200): builds the extension, GPU tests,
+# compute-sanitizer on one small run, the SPEC §7 attention grid and the STATIC trie-step shapes;
+# one results file under benchmarks/results/ (under 8 minutes).
+gpu-check:
+	$(PYTHON) tools/gpu_check.py
 
 gpu-test: install
 	$(PYTHON) -m pytest -q -m gpu tests

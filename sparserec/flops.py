@@ -179,6 +179,7 @@ def _triton_tiles(config: JSAConfig, head_dim: int) -> dict:
         cmp_dkv_n=cmp["dkv_block_n"], cmp_dkv_m=cmp["dkv_block_m"],
         select_m=cmp["select_block_m"], select_n=cmp["select_block_n"], select_j=cmp["select_block_j"],
         sparse_m=sparse["block_m"], sparse_n=sparse["block_n"], sparse_dkv_m=sparse["dkv_block_m"],
+        sparse_dkv_n=sparse["dkv_block_n"],
     )
 
 
@@ -225,7 +226,7 @@ def _select_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, kv_heads:
 def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors, selection, t: dict):
     """jsa_sparse, one sequence: anchors (A,) local positions; selection (n, Hkv, top_n)."""
     m, chunk, q_tile, sel_block = t["sparse_m"], t["sparse_n"], config.select_q_block, config.select_block
-    key_m = t["sparse_dkv_m"]
+    key_m, key_n = t["sparse_dkv_m"], t["sparse_dkv_n"]
     group, window, causal = heads // kv_heads, config.window, config.causal
     tile_product = _matmul(m, chunk, t["sparse_d"])
 
@@ -247,24 +248,24 @@ def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors,
         per_kv_head += int(torch.where(used, _steps(lo, hi, chunk), 0).sum())
     query_chunks = heads * int(per_head.sum()) + group * per_kv_head
 
-    # Key-major (dk, dv), key_m query rows a step: anchor chunks x the query rows that may see
-    # them; per key chunk of each selection block, the rows of its window and of the query tiles
-    # that selected the block.
-    anchor_first = anchors[::chunk] if causal else torch.zeros_like(anchors[::chunk])
+    # Key-major (dk, dv), key_n keys a program, key_m query rows a step: anchor chunks x the query
+    # rows that may see them; per key chunk of each selection block, the rows of its window and of
+    # the query tiles that selected the block.
+    anchor_first = anchors[::key_n] if causal else torch.zeros_like(anchors[::key_n])
     key_rows = heads * int(_steps(anchor_first, n, key_m).sum())
-    key_lo = torch.arange(0, n, sel_block)[:, None] + torch.arange(0, sel_block, chunk)
-    key_hi = torch.minimum(torch.clamp(key_lo + chunk, max=n), (key_lo // sel_block + 1) * sel_block)
+    key_lo = torch.arange(0, n, sel_block)[:, None] + torch.arange(0, sel_block, key_n)
+    key_hi = torch.minimum(torch.clamp(key_lo + key_n, max=n), (key_lo // sel_block + 1) * sel_block)
     win_lo = key_lo if causal else torch.clamp(key_lo - window + 1, min=0)
     win_rows = _steps(win_lo, torch.clamp(key_hi - 1 + window, max=n), key_m)
     key_rows += heads * int(torch.where(key_lo < key_hi, win_rows, 0).sum())
     tiles = torch.arange(0, n, q_tile)
     picked = selection[tiles][..., None]  # (tiles, Hkv, top_n, 1)
-    key_lo = picked * sel_block + torch.arange(0, sel_block, chunk)
-    key_hi = torch.minimum(torch.clamp(key_lo + chunk, max=n), (picked + 1) * sel_block)
+    key_lo = picked * sel_block + torch.arange(0, sel_block, key_n)
+    key_hi = torch.minimum(torch.clamp(key_lo + key_n, max=n), (picked + 1) * sel_block)
     first = tiles[:, None, None, None]
     slc_rows = _steps(torch.maximum(first, key_lo) if causal else first, torch.clamp(first + q_tile, max=n), key_m)
     key_rows += group * int(torch.where((picked >= 0) & (key_lo < key_hi), slc_rows, 0).sum())
-    key_product = _matmul(key_m, chunk, t["sparse_d"])
+    key_product = _matmul(key_m, key_n, t["sparse_d"])
     return query_chunks * 2 * tile_product, query_chunks * 3 * tile_product + key_rows * 4 * key_product
 
 

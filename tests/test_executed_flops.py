@@ -33,15 +33,18 @@ def dot_flops(monkeypatch):
     return total
 
 
-# A query tile of 16 rows overlaps two selection tiles of 24; an empty sequence; odd head dims;
-# head dim 72 (> 64) takes the kernels' smaller key-major tiles (their launch_geometry).
-@pytest.mark.parametrize("causal, heads, kv_heads, dim, select_q_block",
-                         [(True, 4, 2, 16, 32), (False, 3, 1, 24, 24), (True, 2, 1, 72, 64)])
-def test_counter_equals_executed_tile_products(dot_flops, causal, heads, kv_heads, dim, select_q_block):
+# A query tile of 16 rows overlaps two selection tiles of 24; an empty sequence; odd head dims.
+# The key-major kernels take smaller tiles than the query-major walk (their launch_geometry):
+# fewer keys at head dim 40 with 64-token selection blocks, fewer query rows at head dim 72.
+@pytest.mark.parametrize("causal, heads, kv_heads, dim, select_block, select_q_block",
+                         [(True, 4, 2, 16, 16, 32), (False, 3, 1, 24, 16, 24), (False, 2, 2, 40, 64, 32),
+                          (True, 2, 1, 72, 16, 64)])
+def test_counter_equals_executed_tile_products(dot_flops, causal, heads, kv_heads, dim, select_block,
+                                               select_q_block):
     from sparserec.ops import triton_backend
 
-    config = JSAConfig(block=8, stride=4, select_block=16, top_n=2, select_q_block=select_q_block, window=12,
-                       causal=causal)
+    config = JSAConfig(block=8, stride=4, select_block=select_block, top_n=2, select_q_block=select_q_block,
+                       window=12, causal=causal)
     lengths = [1, 7, 97, 0, 40]
     x = make_inputs(lengths, config, heads=heads, kv_heads=kv_heads, dim=dim).to(torch.float32)
     q, k, v, w_k, w_v, pe_k, pe_v, gates = (t.clone().requires_grad_() for t in (

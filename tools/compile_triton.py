@@ -109,14 +109,10 @@ class Build:
     wgmma: int = 0
 
     @property
-    def problem(self) -> str:
+    def problems(self) -> list:
         if self.error:
-            return "compile error"
-        if self.spill_bytes:
-            return "spills"
-        if self.shared > HOPPER_SHARED_MEMORY:
-            return "shared memory"
-        return ""
+            return ["compile error"]
+        return ["spills"] * bool(self.spill_bytes) + ["shared memory"] * (self.shared > HOPPER_SHARED_MEMORY)
 
 
 def parse_ptxas_log(log: str):
@@ -300,7 +296,7 @@ def print_table(builds):
     print(header)
     print("-" * len(header))
     for b in sorted(builds, key=lambda b: (b.kernel, b.case, b.config)):
-        status = b.problem.upper() or "ok"
+        status = ", ".join(b.problems).upper() or "ok"
         if b.error:
             print(f"{b.kernel:<20} {b.case:<26} {b.config:<46} {'-':>4} {'-':>5} {'-':>7} {'-':>5}  {status}: {b.error}")
         else:
@@ -337,8 +333,8 @@ def main(argv=None) -> int:
             builds.update(compile_case(case))
     builds = list(builds.values())
     print_table(builds)
-    bad = [b for b in builds if b.problem]
-    counts = {p: sum(b.problem == p for b in builds) for p in ("compile error", "spills", "shared memory")}
+    bad = [b for b in builds if b.problems]
+    counts = {p: sum(p in b.problems for b in builds) for p in ("compile error", "spills", "shared memory")}
     print(f"gpu-compile: {len(todo)} cases, {len(builds)} distinct sm_90a builds, {len(builds) - len(bad)} ok; "
           + ", ".join(f"{n} {p}" for p, n in counts.items())
           + f"; {time.time() - started:.0f} s (Triton {triton.__version__}, ptxas {get_ptxas(ARCH).version})")

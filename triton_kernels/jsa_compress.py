@@ -40,26 +40,26 @@ def _configs():
         triton.Config({"BLOCK_C": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_C": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_C": 32}, num_warps=4, num_stages=2),
-        # fp32 at head dim 128 keeps only BLOCK_C 32 (shared memory) and its FMA dots spilled
-        # with 4 warps (tools/compile_triton.py).
-        triton.Config({"BLOCK_C": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_C": 32}, num_warps=8, num_stages=2),  # what fp32 at head dim 128 keeps
     ])
 
 
-def _fits_shared_memory(configs, named_args, **kwargs):
-    """Drop configs whose pipelined tiles would not fit a Hopper block's 227 KiB of shared memory
-    (fp32 at head dim 128 asked for up to 321 KiB: tools/compile_triton.py). The estimate,
-    num_stages buffers of a (BLOCK_C + BLOCK_D) x BLOCK_D tile, errs high; the smallest config
-    always stays."""
+def _fits_hopper(configs, named_args, **kwargs):
+    """Drop configs that would not build well on Hopper (tools/compile_triton.py): pipelined tiles
+    above a block's 227 KiB of shared memory (fp32 at head dim 128 asked for up to 321 KiB; the
+    estimate, num_stages buffers of a (BLOCK_C + BLOCK_D) x BLOCK_D tile, errs high), and in fp32,
+    whose tl.dot runs as FMA loops holding the (BLOCK_D, BLOCK_D) weight tile in registers, more
+    than 64 registers a thread for that tile (it spilled at head dim 128 with 4 warps)."""
     element = next(a for a in named_args.values() if isinstance(a, torch.Tensor)).element_size()
     block_d = kwargs["BLOCK_D"]
     fits = [c for c in configs
-            if c.num_stages * (c.kwargs["BLOCK_C"] + block_d) * block_d * element <= HOPPER_SHARED_MEMORY]
-    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_C"])]
+            if c.num_stages * (c.kwargs["BLOCK_C"] + block_d) * block_d * element <= HOPPER_SHARED_MEMORY
+            and (element < 4 or block_d * block_d <= 64 * 32 * c.num_warps)]
+    return fits or [min(configs, key=lambda c: (c.kwargs["BLOCK_C"], -c.num_warps))]
 
 
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK"],
-                 prune_configs_by={"early_config_prune": _fits_shared_memory})
+                 prune_configs_by={"early_config_prune": _fits_hopper})
 @triton.jit
 def _compress_fwd(
     x_ptr, w_ptr, pe_ptr, out_ptr, start_ptr, num_blocks,
@@ -87,7 +87,7 @@ def _compress_fwd(
 
 
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK"],
-                 prune_configs_by={"early_config_prune": _fits_shared_memory})
+                 prune_configs_by={"early_config_prune": _fits_hopper})
 @triton.jit
 def _compress_bwd_dw(
     x_ptr, pe_ptr, dout_ptr, dw_ptr, start_ptr, num_blocks, blocks_per_split,
@@ -119,7 +119,7 @@ def _compress_bwd_dw(
 
 
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "STRIDE"],
-                 prune_configs_by={"early_config_prune": _fits_shared_memory})
+                 prune_configs_by={"early_config_prune": _fits_hopper})
 @triton.jit
 def _compress_bwd_dx(
     dout_ptr, w_ptr, dx_ptr, row_seq_ptr, row_index_ptr, cu_seqlens_ptr, cu_cmp_ptr, num_rows,

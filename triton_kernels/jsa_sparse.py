@@ -57,9 +57,9 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 def launch_geometry(config, head_dim: int, block_m=None, block_n=None) -> dict:
     """Tile sizes and warps of this module's launches for a JSA config: block_m query rows per
-    program of the query-major walk, block_n keys per chunk, dkv_block_m query rows per step of the
-    key-major (dk, dv) kernels, block_d padded head dim; sparserec.flops counts executed FLOPs
-    from them.
+    program and block_n keys per chunk of the query-major walk; dkv_block_n keys per program and
+    dkv_block_m query rows per step of the key-major (dk, dv) kernels; block_d padded head dim.
+    sparserec.flops counts executed FLOPs from them.
 
     Query tiles divide select_q_block when they can, so a tile reads one selection; key chunks
     divide select_block when they can, so a chunk lies in one selection block.
@@ -69,12 +69,12 @@ def launch_geometry(config, head_dim: int, block_m=None, block_n=None) -> dict:
     # Head dim > 64: with 4 warps the fp32 accumulators plus the q/do and k/v tiles need more
     # than 255 registers a thread and ptxas spills (tools/compile_triton.py); 8 warps halve that.
     num_warps = 4 if head_dim <= 64 else 8
-    # The key-major kernels also hold fp32 dk, dv: at head dim > 64 their 64-row query steps
-    # spilled even with 8 warps; at head dim 64 with 64-key chunks, 4 warps spilled.
+    # The key-major kernels also hold fp32 dk, dv: 64-key chunks spilled at head dim 64 (4 and 8
+    # warps), 64-row query steps at head dim 128 (8 warps).
+    dkv_block_n = block_n if head_dim <= 32 else min(block_n, 32)
     dkv_block_m = block_m if head_dim <= 64 else min(block_m, 32)
-    dkv_num_warps = 8 if head_dim > 64 or (head_dim > 32 and block_n >= 64) else 4
-    return dict(block_m=block_m, block_n=block_n, dkv_block_m=dkv_block_m, block_d=next_power_of_2(head_dim),
-                num_warps=num_warps, dkv_num_warps=dkv_num_warps)
+    return dict(block_m=block_m, block_n=block_n, dkv_block_m=dkv_block_m, dkv_block_n=dkv_block_n,
+                block_d=next_power_of_2(head_dim), num_warps=num_warps)
 
 
 def _anchor_prefix(anchor_mask: torch.Tensor) -> torch.Tensor:
@@ -535,7 +535,7 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     kv_heads = k.shape[1]
     batch = cu_seqlens.shape[0] - 1
     geometry = launch_geometry(config, dim, block_m, block_n)
-    block_n = geometry["block_n"]
+    block_n = geometry["dkv_block_n"]  # keys per program of the key-major kernels
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
@@ -550,7 +550,7 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
 
     shared = dict(GROUP=heads // kv_heads, HEAD_DIM=dim, CAUSAL=config.causal, BLOCK_M=geometry["dkv_block_m"],
                   BLOCK_N=block_n, BLOCK_D=geometry["block_d"], PRECISION=dot_precision(q.dtype),
-                  num_warps=geometry["dkv_num_warps"], num_stages=2)
+                  num_warps=geometry["num_warps"], num_stages=2)
     strides = (*q.stride(), *k.stride(), *v.stride(), *gates.stride(), *dout.stride())
     scalars = (total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5)
 
