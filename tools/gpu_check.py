@@ -53,7 +53,7 @@ def sections(out_dir: Path):
         ("attention bidirectional", 90, attention("bidirectional", "128,512,1024,2048")),
         ("attention causal", 60, attention("causal", "512,2048")),
         ("attention causal long", 80, attention("causal", "8192,32768")),
-        ("trie", 30, [python, "tools/gpu_check.py", "--trie-run"]),
+        ("trie", 45, [python, "tools/gpu_check.py", "--trie-run"]),
         ("sanitize", 60, ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
                           python, "tools/gpu_check.py", "--small-run"]),
     ]
