@@ -34,3 +34,19 @@ ptxas info    : Function properties for _local_dkdv_kernel
     32 bytes stack frame, 36 bytes spill stores, 28 bytes spill loads
 ptxas info    : Used 255 registers, used 1 barriers, 32 bytes cumulative stack size, 16 bytes smem"""
     assert parse_ptxas_log(log) == (255, 64, 16)
+
+
+def test_gpu_check_plan_covers_the_issue_sections():
+    """`make gpu-check` runs on GPU machines only; here its plan is checked: every section, SPEC §7's
+    attention shapes, and a total budget under 8 minutes."""
+    import gpu_check
+
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), "--dry-run"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    names = [name for name, _, _ in gpu_check.sections("out")]
+    assert {"build", "tests", "sanitize", "trie"} <= set(names) and sum(n.startswith("attention") for n in names) == 3
+    for name in names:
+        assert result.stdout.count(f"{name} (cap") == 1
+    assert "--dtype bf16 --tokens 65536 --shapes 8x64" in result.stdout
+    assert gpu_check.BUDGET_S < 8 * 60
