@@ -28,7 +28,10 @@
 namespace sparserec {
 namespace {
 
-constexpr int32_t kSelected = 1, kAnchor = 2;
+// Key flags. A key set is the tile's contiguous key ranges (selected blocks and the window span;
+// kInRange) followed by its visible anchors (kAnchor): an anchor inside a range appears twice, once
+// per part, and each branch reads only its part, so no branch sees a key twice.
+constexpr int32_t kSelected = 1, kAnchor = 2, kInRange = 4;
 // Position of padding keys: outside every window, flags 0, so no branch sees them.
 constexpr int32_t kNoKey = -(1 << 30);
 
@@ -55,7 +58,8 @@ struct BatchPlan {
 template <typename T>
 struct Problem {
   const T *q, *k, *v, *k_cmp, *v_cmp, *gates;
-  const bool* anchor_mask;
+  const T *anchor_k, *anchor_v;  // (Hkv, total anchors, D): each sequence's anchor rows, contiguous
+  int64_t total_anchors;
   int64_t heads, kv_heads, group, dim;
   T scale;
   AttnConfig cfg;
@@ -75,11 +79,12 @@ struct Problem {
 
 template <typename T>
 struct Workspace {
-  cpu::Buffer<T> q, d_out, o, s_cmp, p_cmp, s_keys, p_keys, dp, k_keys, v_keys, rows;
+  cpu::Buffer<T> q, d_out, o, s_cmp, p_cmp, s_keys, p_keys, dp, rows;
   std::vector<double> importance, block_score;
   std::vector<int64_t> order;
   std::vector<int32_t> keys, flags;  // padded to whole vectors with keys no branch sees
-  std::vector<std::pair<int64_t, int64_t>> ranges;
+  std::vector<std::pair<int64_t, int64_t>> ranges;  // the key set's contiguous ranges, merged
+  int64_t num_anchors = 0;                            // visible anchors after the ranges
 };
 
 // ---- row kernels -----------------------------------------------------------------------------------
@@ -95,7 +100,8 @@ struct RowRule {
 inline void row_masks(int32_t p, int32_t flags, RowRule rule, bool& slc, bool& jrn,
                                                      bool& win) {
   const bool vis = !rule.causal || p <= rule.t;
-  win = rule.causal ? (vis && rule.t - p < rule.window) : (rule.t - p < rule.window && p - rule.t < rule.window);
+  const bool in_range = flags & kInRange;
+  win = in_range && (rule.causal ? (vis && rule.t - p < rule.window) : (rule.t - p < rule.window && p - rule.t < rule.window));
   slc = vis && (flags & kSelected);
   jrn = vis && (flags & kAnchor);
 }
@@ -168,7 +174,7 @@ inline KeyMasks8 key_masks(const int32_t* pos, const int32_t* flags, int64_t j, 
   using namespace cpu::vec;
   const i8 p = load(pos + j), f = load(flags + j), t = splat(rule.t), w = splat(rule.window);
   const i8 vis = rule.causal ? (p <= t) : ~i8{};
-  const i8 win = rule.causal ? (vis & (t - p < w)) : ((t - p < w) & (p - t < w));
+  const i8 win = ((f & kInRange) != 0) & (rule.causal ? (vis & (t - p < w)) : ((t - p < w) & (p - t < w)));
   return {vis & ((f & kSelected) != 0), vis & ((f & kAnchor) != 0), win};
 }
 
@@ -348,50 +354,79 @@ void choose_blocks(const std::vector<double>& importance, int64_t num_cmp_seen, 
   }
 }
 
-// The tile's key set: selected blocks, window span and visible anchors, ascending and unique; K and V
-// rows gathered. Returns the key count n (w.keys and w.flags are padded to whole vectors).
+// The tile's key set: merged ranges (selected blocks, window span), then the visible anchors; K/V are
+// read in place (ranges) or from the per-sequence anchor rows, never gathered per tile. Fills
+// w.ranges, w.num_anchors, w.keys (positions) and w.flags, padded to whole vectors; returns n.
 template <typename T>
-int64_t gather_keys(const Problem<T>& P, const BatchPlan& plan, const SeqPlan& seq, const Item& it,
-                 const int64_t* chosen, int64_t num_chosen, Workspace<T>& w) {
+int64_t plan_keys(const Problem<T>& P, const BatchPlan& plan, const SeqPlan& seq, const Item& it,
+                  const int64_t* chosen, int64_t num_chosen, Workspace<T>& w) {
   const AttnConfig& cfg = P.cfg;
   const int64_t key_end = cfg.causal ? it.q_end : seq.length;  // later keys are visible to no query here
-  w.ranges.clear();
+  std::vector<std::pair<int64_t, int64_t>> spans;
   for (int64_t c = 0; c < num_chosen; ++c) {
     const int64_t begin = chosen[c] * cfg.select_block;
-    w.ranges.emplace_back(begin, std::min(begin + cfg.select_block, key_end));
+    spans.emplace_back(begin, std::min(begin + cfg.select_block, key_end));
   }
   const int64_t window_end = cfg.causal ? it.q_end : std::min(seq.length, it.q_end - 1 + cfg.window);
-  w.ranges.emplace_back(std::max<int64_t>(0, it.q_begin - cfg.window + 1), window_end);
-  std::sort(w.ranges.begin(), w.ranges.end());
-  const int32_t* anchor = plan.anchors.data() + seq.anchor_begin;
-  const int32_t* anchor_end = std::lower_bound(anchor, plan.anchors.data() + seq.anchor_end, key_end);
-  w.keys.clear();
-  int64_t next = 0;  // first position not yet emitted
-  for (const auto& [begin, end] : w.ranges) {
-    for (int64_t p = std::max(begin, next); p < end; ++p) {
-      for (; anchor != anchor_end && *anchor < p; ++anchor) w.keys.push_back(*anchor);
-      if (anchor != anchor_end && *anchor == p) ++anchor;
-      w.keys.push_back(static_cast<int32_t>(p));
+  spans.emplace_back(std::max<int64_t>(0, it.q_begin - cfg.window + 1), window_end);
+  std::sort(spans.begin(), spans.end());
+  w.ranges.clear();
+  for (const auto& [begin, end] : spans) {
+    if (begin >= end) continue;
+    if (!w.ranges.empty() && begin <= w.ranges.back().second) {
+      w.ranges.back().second = std::max(w.ranges.back().second, end);
+    } else {
+      w.ranges.emplace_back(begin, end);
     }
-    next = std::max(next, end);
   }
-  for (; anchor != anchor_end; ++anchor) w.keys.push_back(*anchor);
+  const int32_t* anchors = plan.anchors.data() + seq.anchor_begin;
+  w.num_anchors = std::lower_bound(anchors, plan.anchors.data() + seq.anchor_end, key_end) - anchors;
 
-  const int64_t n = static_cast<int64_t>(w.keys.size()), D = P.dim, row = P.kv_heads * D;
-  w.flags.assign(cpu::vec::padded(n), 0);
-  w.keys.resize(cpu::vec::padded(n), kNoKey);
-  w.k_keys.resize(n * D);
-  w.v_keys.resize(n * D);
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t p = w.keys[j];
-    const int64_t block = p / cfg.select_block;
-    const bool selected = std::binary_search(chosen, chosen + num_chosen, block);
-    w.flags[j] = (selected ? kSelected : 0) | (P.anchor_mask[seq.start + p] ? kAnchor : 0);
-    const int64_t offset = (seq.start + p) * row + it.kv_head * D;
-    std::copy_n(P.k + offset, D, w.k_keys.data() + j * D);
-    std::copy_n(P.v + offset, D, w.v_keys.data() + j * D);
+  w.keys.clear();
+  w.flags.clear();
+  for (const auto& [begin, end] : w.ranges) {
+    for (int64_t p = begin; p < end; ++p) {
+      w.keys.push_back(static_cast<int32_t>(p));
+      const bool selected = std::binary_search(chosen, chosen + num_chosen, p / cfg.select_block);
+      w.flags.push_back(kInRange | (selected ? kSelected : 0));
+    }
   }
+  w.keys.insert(w.keys.end(), anchors, anchors + w.num_anchors);
+  w.flags.insert(w.flags.end(), w.num_anchors, kAnchor);
+  const int64_t n = static_cast<int64_t>(w.keys.size());
+  w.keys.resize(cpu::vec::padded(n), kNoKey);
+  w.flags.resize(cpu::vec::padded(n), 0);
   return n;
+}
+
+// out[:, keys] = alpha * a (R x D) @ K_keysᵀ: one GEMM per range (K read in place) and one for the anchors.
+template <typename T>
+void times_keys_t(const Problem<T>& P, const SeqPlan& seq, const Item& it, const Workspace<T>& w, const T* keys,
+                  const T* anchor_keys, int64_t rows, T alpha, const T* a, T* out, int64_t ld) {
+  const int64_t D = P.dim, kv_row = P.kv_heads * D;
+  int64_t col = 0;
+  for (const auto& [begin, end] : w.ranges) {
+    cpu::gemm<T>(false, true, rows, end - begin, D, alpha, a, D, keys + (seq.start + begin) * kv_row + it.kv_head * D,
+                 kv_row, T(0), out + col, ld);
+    col += end - begin;
+  }
+  const T* anchor_rows = anchor_keys + (it.kv_head * P.total_anchors + seq.anchor_begin) * D;
+  cpu::gemm<T>(false, true, rows, w.num_anchors, D, alpha, a, D, anchor_rows, D, T(0), out + col, ld);
+}
+
+// out (R x D) += alpha * p[:, keys] @ V_keys, V read as in times_keys_t.
+template <typename T>
+void accumulate_keys(const Problem<T>& P, const SeqPlan& seq, const Item& it, const Workspace<T>& w, const T* values,
+                     const T* anchor_values, int64_t rows, T alpha, const T* p, int64_t ld, T* out) {
+  const int64_t D = P.dim, kv_row = P.kv_heads * D;
+  int64_t col = 0;
+  for (const auto& [begin, end] : w.ranges) {
+    cpu::gemm<T>(false, false, rows, D, end - begin, alpha, p + col, ld,
+                 values + (seq.start + begin) * kv_row + it.kv_head * D, kv_row, T(1), out, D);
+    col += end - begin;
+  }
+  const T* anchor_rows = anchor_values + (it.kv_head * P.total_anchors + seq.anchor_begin) * D;
+  cpu::gemm<T>(false, false, rows, D, w.num_anchors, alpha, p + col, ld, anchor_rows, D, T(1), out, D);
 }
 
 template <typename T>
@@ -441,17 +476,17 @@ void forward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, Wo
   }
 
   // slc + jrn + win over the gathered keys, gated, added to the cmp output.
-  const int64_t n = gather_keys(P, plan, seq, it, w.order.data(), num_chosen, w), ld = cpu::vec::padded(n);
+  const int64_t n = plan_keys(P, plan, seq, it, w.order.data(), num_chosen, w), ld = cpu::vec::padded(n);
   w.s_keys.resize(R * ld);
   w.rows.resize(4 * ld);
-  cpu::gemm<T>(false, true, R, n, D, P.scale, w.q.data(), D, w.k_keys.data(), D, T(0), w.s_keys.data(), ld);
+  times_keys_t(P, seq, it, w, P.k, P.anchor_k, R, P.scale, w.q.data(), w.s_keys.data(), ld);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head_row = P.query_row(seq, it, r);
     const RowRule rule{static_cast<int32_t>(it.q_begin + r % nq), static_cast<int32_t>(cfg.window), cfg.causal};
     keys_row_forward(w.s_keys.data() + r * ld, w.keys.data(), w.flags.data(), ld, rule, P.gates + head_row * 4,
                      lse + head_row * 4, w.rows.data());
   }
-  cpu::gemm<T>(false, false, R, D, n, T(1), w.s_keys.data(), ld, w.v_keys.data(), D, T(1), w.o.data(), D);
+  accumulate_keys(P, seq, it, w, P.v, P.anchor_v, R, T(1), w.s_keys.data(), ld, w.o.data());
   for (int64_t r = 0; r < R; ++r) std::copy_n(w.o.data() + r * D, D, out + P.query_row(seq, it, r) * D);
 }
 
@@ -504,13 +539,13 @@ void backward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, W
                 "below the sequence's ", num_sel, " selection blocks");
     ++num_chosen;
   }
-  const int64_t n = gather_keys(P, plan, seq, it, chosen, num_chosen, w), ld = cpu::vec::padded(n);
+  const int64_t n = plan_keys(P, plan, seq, it, chosen, num_chosen, w), ld = cpu::vec::padded(n);
   w.s_keys.resize(R * ld);
   w.p_keys.resize(R * ld);
   w.dp.resize(R * ld);
   w.rows.resize(3 * ld);
-  cpu::gemm<T>(false, true, R, n, D, P.scale, w.q.data(), D, w.k_keys.data(), D, T(0), w.s_keys.data(), ld);
-  cpu::gemm<T>(false, true, R, n, D, T(1), w.d_out.data(), D, w.v_keys.data(), D, T(0), w.dp.data(), ld);
+  times_keys_t(P, seq, it, w, P.k, P.anchor_k, R, P.scale, w.q.data(), w.s_keys.data(), ld);
+  times_keys_t(P, seq, it, w, P.v, P.anchor_v, R, T(1), w.d_out.data(), w.dp.data(), ld);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head_row = P.query_row(seq, it, r);
     const RowRule rule{static_cast<int32_t>(it.q_begin + r % nq), static_cast<int32_t>(cfg.window), cfg.causal};
@@ -521,7 +556,7 @@ void backward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, W
   part.keys.assign(w.keys.begin(), w.keys.begin() + n);
   part.dk.resize(n * D);
   part.dv.resize(n * D);
-  cpu::gemm<T>(false, false, R, D, n, P.scale, w.s_keys.data(), ld, w.k_keys.data(), D, T(1), w.o.data(), D);
+  accumulate_keys(P, seq, it, w, P.k, P.anchor_k, R, P.scale, w.s_keys.data(), ld, w.o.data());
   cpu::gemm<T>(true, false, n, D, R, P.scale, w.s_keys.data(), ld, w.q.data(), D, T(0), part.dk.data(), D);
   cpu::gemm<T>(true, false, n, D, R, T(1), w.p_keys.data(), ld, w.d_out.data(), D, T(0), part.dv.data(), D);
 
@@ -588,13 +623,40 @@ BatchPlan make_plan(const char* op, const at::Tensor& q, const at::Tensor& k, co
   return plan;
 }
 
+// Each sequence's anchor K/V rows, per kv head (Hkv, total anchors, D): every tile of a sequence
+// reads its visible anchors from here (a prefix when causal) instead of gathering them itself.
+template <typename T>
+struct AnchorRows {
+  cpu::Buffer<T> k, v;
+};
+
+template <typename T>
+AnchorRows<T> gather_anchor_rows(const BatchPlan& plan, const T* k, const T* v, int64_t kv_heads, int64_t dim) {
+  const int64_t total = static_cast<int64_t>(plan.anchors.size()), row = kv_heads * dim;
+  AnchorRows<T> rows{cpu::Buffer<T>(kv_heads * total * dim), cpu::Buffer<T>(kv_heads * total * dim)};
+  at::parallel_for(0, static_cast<int64_t>(plan.seqs.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const SeqPlan& seq = plan.seqs[s];
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        for (int64_t a = seq.anchor_begin; a < seq.anchor_end; ++a) {
+          const int64_t src = (seq.start + plan.anchors[a]) * row + g * dim, dst = (g * total + a) * dim;
+          std::copy_n(k + src, dim, rows.k.data() + dst);
+          std::copy_n(v + src, dim, rows.v.data() + dst);
+        }
+      }
+    }
+  });
+  return rows;
+}
+
 template <typename T>
 Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cmp,
-                        const at::Tensor& v_cmp, const at::Tensor& gates, const at::Tensor& anchor_mask,
-                        const AttnConfig& cfg) {
+                        const at::Tensor& v_cmp, const at::Tensor& gates, const BatchPlan& plan,
+                        const AnchorRows<T>& anchor_rows, const AttnConfig& cfg) {
   const int64_t heads = q.size(1), kv_heads = k.size(1), dim = q.size(2);
   return {q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), k_cmp.data_ptr<T>(), v_cmp.data_ptr<T>(),
-          gates.data_ptr<T>(), anchor_mask.data_ptr<bool>(), heads, kv_heads, heads / kv_heads, dim,
+          gates.data_ptr<T>(), anchor_rows.k.data(), anchor_rows.v.data(),
+          static_cast<int64_t>(plan.anchors.size()), heads, kv_heads, heads / kv_heads, dim,
           static_cast<T>(1.0 / std::sqrt(static_cast<double>(dim))), cfg};
 }
 
@@ -606,12 +668,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jsa_attention_cpu(
   const AttnConfig cfg = make_config(block, stride, select_block, top_n, select_q_block, window, causal);
   const BatchPlan plan = make_plan("jsa_attention", q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, cfg);
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), kcc = k_cmp.contiguous(),
-                   vcc = v_cmp.contiguous(), gc = gates.contiguous(), ac = anchor_mask.contiguous();
+                   vcc = v_cmp.contiguous(), gc = gates.contiguous();
   at::Tensor out = at::empty_like(qc);
   at::Tensor lse = at::empty({q.size(0), q.size(1), 4}, q.options());
   at::Tensor selection = at::empty({q.size(0), k.size(1), top_n}, q.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "jsa_attention_cpu", [&] {
-    const Problem<scalar_t> P = make_problem<scalar_t>(qc, kc, vc, kcc, vcc, gc, ac, cfg);
+    const auto anchor_rows = gather_anchor_rows(plan, kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), k.size(1),
+                                                q.size(2));
+    const Problem<scalar_t> P = make_problem<scalar_t>(qc, kc, vc, kcc, vcc, gc, plan, anchor_rows, cfg);
     const int64_t num_items = static_cast<int64_t>(plan.items.size());
     at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
       const cpu::SequentialBlas sequential_blas;
@@ -641,14 +705,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                   selection.scalar_type() == at::kLong,
               op, ": selection must be (T_total, Hkv, top_n) int64, from the forward");
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), kcc = k_cmp.contiguous(),
-                   vcc = v_cmp.contiguous(), gc = gates.contiguous(), ac = anchor_mask.contiguous(),
+                   vcc = v_cmp.contiguous(), gc = gates.contiguous(),
                    goc = grad_out.contiguous(), lc = lse.contiguous(), sc = selection.contiguous();
   at::Tensor grad_q = at::empty_like(qc), grad_gates = at::empty_like(gc);
   at::Tensor grad_k = at::zeros_like(kc), grad_v = at::zeros_like(vc);
   at::Tensor grad_k_cmp = at::zeros_like(kcc), grad_v_cmp = at::zeros_like(vcc);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "jsa_attention_backward_cpu", [&] {
     using T = scalar_t;
-    const Problem<T> P = make_problem<T>(qc, kc, vc, kcc, vcc, gc, ac, cfg);
+    const auto anchor_rows = gather_anchor_rows(plan, kc.data_ptr<T>(), vc.data_ptr<T>(), k.size(1), q.size(2));
+    const Problem<T> P = make_problem<T>(qc, kc, vc, kcc, vcc, gc, plan, anchor_rows, cfg);
     const int64_t num_items = static_cast<int64_t>(plan.items.size());
     const int64_t D = P.dim, kv_row = P.kv_heads * D;
     // Items run in waves whose dK/dV parts fit a fixed budget; the parts of a wave are then added in
