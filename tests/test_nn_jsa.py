@@ -92,3 +92,14 @@ def test_mlp_compressor_is_the_flattened_block_mlp(backend):
     for a, b in zip(torch.autograd.grad(out, params, grad, allow_unused=True),
                     torch.autograd.grad(expected, params, grad, allow_unused=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_bad_packed_input_is_named():
+    module = make_module("mlp")
+    x = torch.randn(12, 32, dtype=torch.float64)
+    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor"):
+        module(x, cu_seqlens=[0, 5, 12])
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        module(x, cu_seqlens=torch.tensor([0, 9, 5, 12]))
+    with pytest.raises(ValueError, match="gates hold NaN"):
+        module(x * float("nan"), cu_seqlens=torch.tensor([0, 5, 12]))

@@ -60,7 +60,7 @@ BAD_ATTENTION_INPUTS = [
     ("dtype mix", lambda a: _replace(a, V, a[V].float()), TypeError, "share a dtype"),
     ("gates shape", lambda a: _replace(a, GATES, a[GATES][..., :3]), ValueError, r"gates must have shape"),
     ("gates above 1", lambda a: _replace(a, GATES, a[GATES] + 1), ValueError, r"gates must lie in \[0, 1\]"),
-    ("gates nan", lambda a: _replace(a, GATES, a[GATES] * float("nan")), ValueError, r"gates must lie in"),
+    ("gates nan", lambda a: _replace(a, GATES, a[GATES] * float("nan")), ValueError, r"gates hold NaN"),
     ("anchor dtype", lambda a: _replace(a, ANCHORS, a[ANCHORS].long()), TypeError, "anchor_mask must have dtype"),
     ("anchor length", lambda a: _replace(a, ANCHORS, a[ANCHORS][:-1]), ValueError, "anchor_mask must have one"),
     ("cu float", lambda a: _replace(a, CU, a[CU].float()), TypeError, "cu_seqlens must have dtype"),

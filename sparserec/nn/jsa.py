@@ -93,6 +93,8 @@ class JourneySparseAttention(nn.Module):
                              f"got {tuple(x.shape)}")
         if cu_seqlens is None:
             raise ValueError("packed input (T_total, E) needs cu_seqlens")
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"cu_seqlens must be a torch.Tensor of B+1 offsets, got {type(cu_seqlens).__name__}")
         if key_padding_mask is not None:
             raise ValueError("key_padding_mask applies to padded (B, T, E) input only")
         return self._forward_packed(x, cu_seqlens, anchor_mask)

@@ -117,6 +117,8 @@ def check_jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, c
                              f"block={config.block}, stride={config.stride}, but cu_cmp gives it {c}")
     if gates.numel():
         low, high = torch.aminmax(gates.detach())
+        if torch.isnan(low) or torch.isnan(high):
+            raise ValueError("gates hold NaN (a module computes them from its input: is the input finite?)")
         if not (low >= 0 and high <= 1):
             raise ValueError(f"gates must lie in [0, 1] (got min {low.item():.4g}, max {high.item():.4g}); "
                              "apply a sigmoid first")
