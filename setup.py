@@ -6,6 +6,7 @@ Environment flags (also listed in the README):
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -28,6 +29,13 @@ def _extensions():
     )
     # -Wno-psabi: the CPU kernels' 8-lane vector helpers are inlined, so their ABI note does not apply.
     cxx_flags = ["-O3", "-std=c++17", "-Wno-psabi"]
+    # at::parallel_for is inline: without -fopenmp it compiles to a serial loop in this extension.
+    # Linked with -fopenmp, the extension shares torch's libgomp (same soname, already loaded), so
+    # torch.set_num_threads governs the kernels' threads.
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     extension = CppExtension
     extra = {"cxx": cxx_flags}
     macros = []
@@ -41,6 +49,7 @@ def _extensions():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra,
+        extra_link_args=link_flags,
         define_macros=macros,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
