@@ -14,10 +14,11 @@ FLOPs (SPEC §1, `sparserec.flops.jsa_flops` with the selection the kernel made)
 the share of dense attention work JSA needs; "vs FLOP-proportional" = (JSA/SDPA time) /
 (useful/dense): 1 means JSA runs exactly as fast per useful FLOP as SDPA, < 1 faster.
 Timing: perf_counter, candidates interleaved within each repeat, median of --repeats after one
-untimed warm-up call. Peak memory: the RSS high-water mark of a fresh process running one
-forward+backward, above the same process after building its inputs (--memory-lengths).
+untimed warm-up call. Peak memory: a fresh process runs one forward+backward while a thread samples
+its RSS (glibc's mmap threshold fixed, so RSS follows live buffers); reported above the RSS after
+building the inputs (--memory-lengths). Gradients of q, k, v and gates count for both.
 
-  python benchmarks/cpu_attention.py                  # the grid; ~25 min on 2 cores
+  python benchmarks/cpu_attention.py                  # the grid; ~15 min on 2 cores
   python benchmarks/cpu_attention.py --quick          # 2 lengths, 1 thread, 2 repeats
 
 Outputs: cpu_attention.md, .csv and .png under --out, stamped with the CPU, torch version and
@@ -26,6 +27,7 @@ the git commit.
 import argparse
 import csv
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -130,16 +132,41 @@ def flop_share(case) -> float:
     return counts.useful / counts.dense
 
 
+MEMORY_PROBE = """
+import os, sys, threading, time
+sys.path.insert(0, {folder!r})
+import torch
+import cpu_attention as bench
+torch.set_num_threads(1)
+case = bench.make_case({tokens}, {length}, {causal})
+step = bench.candidates(case, True, 0)[{candidate!r}]
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+base, peak, done = rss(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+sampler = threading.Thread(target=sample)
+sampler.start()
+step()
+done.set()
+sampler.join()
+print(max(0, peak[0] - base))
+"""
+
+
 def peak_memory_mb(candidate: str, tokens: int, length: int, causal: bool) -> float:
-    """Extra RSS high-water mark of one forward+backward, in a fresh process (MB)."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import resource, torch, cpu_attention as b;"
-            "torch.set_num_threads(1);"
-            f"case = b.make_case({tokens}, {length}, {causal});"
-            f"step = b.candidates(case, True, 0)[{candidate!r}];"
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; step();"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) / 1024
+    """Peak extra resident memory of one forward+backward, in a fresh process (MB): RSS sampled every
+    0.5 ms above the RSS after building the inputs. glibc's mmap threshold is fixed so freed buffers
+    go back to the system and RSS follows the live allocations."""
+    code = MEMORY_PROBE.format(folder=str(Path(__file__).parent), tokens=tokens, length=length, causal=causal,
+                               candidate=candidate)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return int(out.stdout.split()[-1]) / 2**20
 
 
 def stamp() -> dict:
@@ -172,8 +199,8 @@ def write_outputs(rows, memory, info, out: Path):
                      f"{r['sdpa_ms']:.1f} | {reference_ms} | {r['speedup']:.2f}x | {r['flop_share']:.3f} | "
                      f"{r['vs_flop_proportional']:.2f} |")
     if memory:
-        lines += ["", "Peak extra memory of one forward+backward (RSS high-water mark above the inputs, 1 thread, "
-                  "fresh process):", "", "| tokens/seq | mode | JSA-cpp MB | SDPA MB |", "|---|---|---|---|"]
+        lines += ["", "Peak extra memory of one forward+backward (sampled RSS above the inputs, 1 thread, "
+                  "fresh process, first call: includes one-time allocations):", "", "| tokens/seq | mode | JSA-cpp MB | SDPA MB |", "|---|---|---|---|"]
         lines += [f"| {m['length']:,} | {m['mode']} | {m['JSA-cpp']:.0f} | {m['SDPA']:.0f} |" for m in memory]
     (out / "cpu_attention.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "cpu_attention.png")
