@@ -110,24 +110,6 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   }
 }
 
-// exp(x) for x <= 0 to about 2 ulp (Cephes' expf polynomial): plain arithmetic, so loops that call it
-// vectorise. Inputs below -87 return ~1e-38 instead of a denormal; callers mask excluded keys.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-}
-
-inline double exp_nonpositive(double x) { return std::exp(x); }
-
 // 8 floats / 8 int32 lanes; comparisons give int lanes of -1 (true) or 0.
 namespace vec {
 constexpr int64_t kLanes = 8;
@@ -160,7 +142,9 @@ inline float max(f8 v) {
 }
 inline i8 iota() { return i8{0, 1, 2, 3, 4, 5, 6, 7}; }
 
-// exp_nonpositive on 8 lanes (floor done by truncation and a correction: vector floor is not portable).
+// exp(x) for x <= 0 on 8 lanes, to about 2 ulp (Cephes' expf polynomial; floor by truncation and a
+// correction, vector floor not being portable). Inputs below -87 give ~1e-38 instead of a denormal;
+// callers mask excluded keys.
 inline f8 exp_nonpositive(f8 x) {
   x = x < -87.0f ? splat(-87.0f) : x;
   const f8 y = x * 1.44269504088896341f + 0.5f;

@@ -16,6 +16,7 @@
 // in item order, one kv head per thread: results do not depend on the thread count.
 #include "cpu/cpu_math.h"
 #include "cpu/jsa_plan.h"
+#include "cpu/select_top_blocks.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -328,30 +329,15 @@ SPARSEREC_VECTOR_CLONES float cmp_row_backward(float* s, const float* dp, int64_
 
 // ---- per-item pieces -------------------------------------------------------------------------------
 
-// Top-N of the eligible selection blocks by importance (ties: lower block), ascending.
+// The tile's top-N selection blocks (ascending) from its compressed-block importance.
 void choose_blocks(const std::vector<double>& importance, int64_t num_cmp_seen, const SeqPlan& seq,
                    const AttnConfig& cfg, int64_t last_query, std::vector<double>& block_score,
                    std::vector<int64_t>& order) {
   const int64_t num_sel = (seq.length + cfg.select_block - 1) / cfg.select_block;
-  block_score.assign(num_sel, 0.0);
-  for (int64_t j = 0; j < num_sel; ++j) {
-    // Compressed block i overlaps selection block j when i*stride < (j+1)*l' and i*stride + block > j*l'.
-    const int64_t sel_start = j * cfg.select_block;
-    const int64_t first = sel_start >= cfg.block ? (sel_start - cfg.block) / cfg.stride + 1 : 0;
-    const int64_t end = std::min(num_cmp_seen, (sel_start + cfg.select_block + cfg.stride - 1) / cfg.stride);
-    for (int64_t i = first; i < end; ++i) block_score[j] += importance[i];
-  }
+  // Causal: eligible blocks start at or before the tile's last query.
   const int64_t eligible = cfg.causal ? std::min(num_sel, last_query / cfg.select_block + 1) : num_sel;
-  const int64_t taken = std::min(eligible, cfg.top_n);
-  order.resize(eligible);
-  std::iota(order.begin(), order.end(), 0);
-  if (eligible > cfg.top_n) {
-    std::partial_sort(order.begin(), order.begin() + taken, order.end(), [&](int64_t a, int64_t b) {
-      return block_score[a] > block_score[b] || (block_score[a] == block_score[b] && a < b);
-    });
-    order.resize(taken);
-    std::sort(order.begin(), order.end());
-  }
+  select_top_blocks(importance.data(), num_cmp_seen, num_sel, eligible,
+                    {cfg.block, cfg.stride, cfg.select_block, cfg.top_n}, block_score, order);
 }
 
 // The tile's key set: merged ranges (selected blocks, window span), then the visible anchors; K/V are

@@ -2,6 +2,7 @@
 // Python twin: sparserec.reference.jsa.select_blocks. One work item per (query tile, kv head),
 // spread over torch's intra-op threads; importance is accumulated in double in the twin's order (heads of
 // the group per token, then tokens, then compressed blocks) so ties resolve identically.
+#include "cpu/select_top_blocks.h"
 #include "jsa_select_checks.h"
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -10,7 +11,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <numeric>
 #include <vector>
 
 namespace sparserec {
@@ -63,27 +63,12 @@ void select_tiles(const scalar_t* p_cmp, int64_t heads, int64_t num_cols, const 
         continue;
       }
 
-      // Selection block j covers [j*l', (j+1)*l'); compressed block i overlaps it when
-      // i*stride < (j+1)*l' and i*stride + block > j*l'.
-      importance.assign(tile.num_sel, 0.0);
-      for (int64_t j = 0; j < tile.num_sel; ++j) {
-        const int64_t sel_start = j * cfg.select_block;
-        const int64_t first = sel_start >= cfg.block ? (sel_start - cfg.block) / cfg.stride + 1 : 0;
-        const int64_t end = std::min(tile.num_cmp, ceil_div(sel_start + cfg.select_block, cfg.stride));
-        for (int64_t i = first; i < end; ++i) importance[j] += column_sum[i];
-      }
       // Eligible blocks are a prefix: causal keeps j*l' <= the tile's last position.
       const int64_t num_eligible =
           cfg.causal ? std::min(tile.num_sel, tile.last_position / cfg.select_block + 1) : tile.num_sel;
-      const int64_t num_taken = std::min(num_eligible, cfg.top_n);
-      order.resize(num_eligible);
-      std::iota(order.begin(), order.end(), 0);
-      if (num_eligible > cfg.top_n) {
-        std::partial_sort(order.begin(), order.begin() + num_taken, order.end(), [&](int64_t a, int64_t b) {
-          return importance[a] > importance[b] || (importance[a] == importance[b] && a < b);
-        });
-        std::sort(order.begin(), order.begin() + num_taken);
-      }
+      select_top_blocks(column_sum.data(), tile.num_cmp, tile.num_sel, num_eligible,
+                        {cfg.block, cfg.stride, cfg.select_block, cfg.top_n}, importance, order);
+      const int64_t num_taken = static_cast<int64_t>(order.size());
       for (int64_t t = tile.first_token; t < tile.end_token; ++t) {
         int64_t* chosen = out + (t * cfg.num_kv_heads + kv_head) * cfg.top_n;
         std::copy(order.begin(), order.begin() + num_taken, chosen);
