@@ -3,9 +3,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <new>
 #include <vector>
 
