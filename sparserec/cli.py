@@ -26,9 +26,12 @@ from .models import recommend as recommend_items
 from .pipeline import (GRACE_PRESETS, MODELS, TRAIN_DEFAULTS, baselines, build_model, evaluate, fit, load_run, prepare,
                        save_run, subsample)
 from .reference.jsa import BRANCHES
-from .tokenize import EMBEDDING_KINDS, TokenizerConfig
+from .tokenize import EMBEDDING_KINDS, TOKENIZER_METHODS, CoBaConfig, TokenizerConfig
 from .train import TrainConfig, init_distributed, seed_everything, shutdown_distributed
 
+
+# CoBa's options (--coba-window ...), as argparse names; each maps to the CoBaConfig field after "coba_".
+COBA_OPTIONS = ("coba_window", "coba_steps", "coba_mix", "coba_uniformity", "coba_balance")
 
 # The largest K of the reported metrics (HR@10, NDCG@10): a beam must hold at least this many items.
 LARGEST_K = 10
@@ -70,6 +73,23 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a non-negative finite number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return value
+
+
 def length_list(text: str) -> list:
     """--lengths: comma-separated positive interaction counts."""
     try:
@@ -86,6 +106,9 @@ def _check_arguments(parser, args) -> None:
     def fail(message):
         parser.exit(2, f"{parser.prog} {args.command}: error: {message}\n")
 
+    coba_given = [f"--{name.replace('_', '-')}" for name in COBA_OPTIONS if getattr(args, name, None) is not None]
+    if coba_given and args.tokenizer != "coba":
+        fail(f"{', '.join(coba_given)} applies to --tokenizer coba only")
     if getattr(args, "beam", None) is not None and args.command in ("train", "evaluate") and args.beam < LARGEST_K:
         fail(f"--beam ({args.beam}) must be at least {LARGEST_K}: the metrics rank the top {LARGEST_K} "
                      "items of the beam")
@@ -111,6 +134,20 @@ def _dataset_arguments(parser):
     parser.add_argument("--embedding", choices=EMBEDDING_KINDS, default="collab", help="item embeddings for the RQ-VAE")
     parser.add_argument("--full-tokenizer", action="store_true",
                         help="train the RQ-VAE with its full budget (default: the fast setting)")
+    parser.add_argument("--tokenizer", choices=TOKENIZER_METHODS, default="rqvae",
+                        help="semantic IDs: TIGER's RQ-VAE, or S²GR's CoBa RQ-VAE (co-occurrence propagation, "
+                             "uniformity loss, load balancing)")
+    defaults = CoBaConfig()
+    parser.add_argument("--coba-window", type=positive_int, default=None,
+                        help=f"CoBa: co-occurrence window in events (default: {defaults.window})")
+    parser.add_argument("--coba-steps", type=non_negative_int, default=None,
+                        help=f"CoBa: neighbour-averaging steps before quantization (default: {defaults.steps})")
+    parser.add_argument("--coba-mix", type=fraction, default=None,
+                        help=f"CoBa: weight of the neighbour average in each step (default: {defaults.mix})")
+    parser.add_argument("--coba-uniformity", type=non_negative_float, default=None,
+                        help=f"CoBa: weight of the codeword uniformity loss (default: {defaults.uniformity})")
+    parser.add_argument("--coba-balance", type=non_negative_float, default=None,
+                        help=f"CoBa: strength of the usage-based load balancing (default: {defaults.balance})")
     parser.add_argument("--cache", default=os.path.join(".cache", "sparserec"), help="tokenizer cache folder")
     parser.add_argument("--no-cot", action="store_true", help="drop the CoT tokens (product type, price, brand)")
     parser.add_argument("--keep-constant-slots", action="store_true",
@@ -165,9 +202,15 @@ def _train_arguments(parser):
                         help="replace the run in --out (by default an existing run is refused)")
 
 
+def _tokenizer_config(args) -> TokenizerConfig:
+    coba = CoBaConfig(**{name[len("coba_"):]: getattr(args, name) for name in COBA_OPTIONS
+                         if getattr(args, name) is not None})
+    options = dict(embedding=args.embedding, method=args.tokenizer, coba=coba)
+    return TokenizerConfig(**options) if args.full_tokenizer else TokenizerConfig.fast(**options)
+
+
 def _prepared(args, progress=True):
-    config = TokenizerConfig(embedding=args.embedding) if args.full_tokenizer else TokenizerConfig.fast(
-        embedding=args.embedding)
+    config = _tokenizer_config(args)
     return prepare(args.dataset, args.root, args.max_lines, config, args.cache, cot=not args.no_cot, progress=progress,
                    tokenize=getattr(args, "model", "grace") != "sasrec", drop_constant=not args.keep_constant_slots)
 
@@ -259,6 +302,18 @@ def cmd_prepare(args):
           f"{len(prepared.split.test)} test targets")
     print(f"tokenizer: {tokenizer.tokens_per_interaction} tokens per interaction, vocabulary {tokenizer.vocab.size}")
     print("tokenizer stats: " + json.dumps(tokenizer.stats, default=float))
+    print(format_codebook_stats(tokenizer.stats, tokenizer.levels))
+
+
+def format_codebook_stats(stats: dict, levels: int) -> str:
+    """Per SID level: codebook utilisation (codes used / codes) and the share of items whose code
+    prefix through that level is unique (at the last level: unique before the collision index)."""
+    lines = ["| SID level | codebook utilisation | items with a unique prefix |", "|---|---|---|"]
+    for level in range(1, levels + 1):
+        unique = stats.get(f"unique_level_{level}")
+        lines.append(f"| {level} | {stats[f'utilisation_level_{level}']:.4f} | "
+                     f"{'not recorded' if unique is None else f'{unique:.4f}'} |")
+    return "\n".join(lines)
 
 
 def cmd_train(args):

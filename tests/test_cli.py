@@ -74,6 +74,12 @@ def trained(tmp_path_factory):
     (["train", "--attention", "dense", "--disable-branch", "win"], "--disable-branch applies to --attention jsa"),
     (["train", *sum((["--disable-branch", b] for b in ("cmp", "slc", "jrn", "win")), [])], "all four branches"),
     (["prepare", "--max-lines", "0"], "--max-lines: must be at least 1"),
+    (["prepare", "--tokenizer", "vq"], "--tokenizer: invalid choice"),
+    (["prepare", "--coba-balance", "0.5"], "--coba-balance applies to --tokenizer coba only"),
+    (["train", "--coba-window", "3", "--coba-steps", "1"], "--coba-window, --coba-steps applies to --tokenizer coba"),
+    (["prepare", "--tokenizer", "coba", "--coba-window", "0"], "--coba-window: must be at least 1"),
+    (["prepare", "--tokenizer", "coba", "--coba-mix", "1.5"], "--coba-mix: must be in [0, 1]"),
+    (["prepare", "--tokenizer", "coba", "--coba-uniformity", "-1"], "--coba-uniformity: must be a non-negative"),
     (["evaluate", "somewhere", "--beam", "9"], "--beam (9) must be at least 10"),
     (["evaluate", "somewhere", "--max-users", "0"], "--max-users: must be at least 1"),
     (["recommend", "somewhere", "--user", "u1", "--top", "-3"], "--top: must be at least 1"),
@@ -308,3 +314,16 @@ def test_empty_validation_or_task_is_refused_before_training(tmp_path, capsys):
     code, err = run_cli(capsys, "train", *common[2:], "--dataset", str(only_clicks))
     assert code == 2 and "no target for the target_behavior task" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("tokenizer", ["rqvae", "coba"])
+def test_prepare_reports_codebook_utilisation_and_uniqueness_per_level(tmp_path, capsys, tokenizer):
+    data = write_generic(str(tmp_path / "data"))
+    assert cli.main(["prepare", "--dataset", data, "--cache", str(tmp_path / "cache"), "--tokenizer", tokenizer]) == 0
+    out = capsys.readouterr().out
+    stats = json.loads(out.split("tokenizer stats: ")[1].splitlines()[0])
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "SID level" not in line]
+    assert [int(row[0]) for row in rows] == [1, 2, 3]
+    for level, (_, utilisation, unique) in enumerate(rows, 1):
+        assert float(utilisation) == pytest.approx(stats[f"utilisation_level_{level}"], abs=5e-5)
+        assert float(unique) == pytest.approx(stats[f"unique_level_{level}"], abs=5e-5)

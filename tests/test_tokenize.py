@@ -140,8 +140,10 @@ def test_vocabulary_slots_are_disjoint_and_complete():
 def test_semantic_id_stats_by_hand():
     codes = torch.tensor([[0, 0], [0, 0], [1, 0], [1, 1], [0, 0]])
     stats = semantic_id_stats(codes, codebook_size=4)
-    assert stats == pytest.approx(dict(utilisation_level_1=0.5, utilisation_level_2=0.5, collision_rate=1 - 3 / 5,
-                                       colliding_items=3 / 5, max_items_per_sid=3))
+    # Prefixes: level 1 -> 0 (three items), 1 (two): none unique; level 2 -> (1, 0) and (1, 1) unique.
+    assert stats == pytest.approx(dict(utilisation_level_1=0.5, utilisation_level_2=0.5, unique_level_1=0.0,
+                                       unique_level_2=2 / 5, collision_rate=1 - 3 / 5, colliding_items=3 / 5,
+                                       max_items_per_sid=3))
 
 
 def test_collision_index_makes_paths_unique():
@@ -195,8 +197,11 @@ def test_train_rqvae_reports_stats_and_is_seeded():
     _, codes, stats = train_rqvae(embeddings, config, progress=False)
     assert codes.shape == (300, 3) and codes.dtype == torch.int64
     assert int(codes.min()) >= 0 and int(codes.max()) < 16
-    assert set(stats) == {"utilisation_level_1", "utilisation_level_2", "utilisation_level_3", "collision_rate",
-                          "colliding_items", "max_items_per_sid", "reconstruction_mse"}
+    assert set(stats) == {"utilisation_level_1", "utilisation_level_2", "utilisation_level_3", "unique_level_1",
+                          "unique_level_2", "unique_level_3", "collision_rate", "colliding_items",
+                          "max_items_per_sid", "reconstruction_mse"}
+    assert stats["unique_level_1"] <= stats["unique_level_2"] <= stats["unique_level_3"]
+    assert stats["unique_level_3"] == pytest.approx(1 - stats["colliding_items"])
     assert all(0 < stats[f"utilisation_level_{l}"] <= 1 for l in (1, 2, 3))
     assert 0 <= stats["collision_rate"] < 1 and math.isfinite(stats["reconstruction_mse"])
     assert torch.equal(train_rqvae(embeddings, config, progress=False)[1], codes)

