@@ -202,6 +202,114 @@ def test_bad_arguments():
         beam_search(model, trie, 1, 2, prefix_tokens=[])
 
 
+# ---- forced (thinking) steps ------------------------------------------------------------------
+
+class ForcedPrefixModel(PrefixModel):
+    """PrefixModel fed several tokens per call: its log-probs depend on everything it was fed,
+    forced tokens included, as a decoder's do."""
+
+    def __call__(self, tokens, parent_rows):
+        self.calls += 1
+        rows = self.batch_size * self.beam_size
+        if parent_rows is None:
+            fed = [()] * rows if tokens is None else [tuple(row) for row in tokens.tolist()]
+            self.prefixes = fed
+        else:
+            assert tokens.shape[0] == rows and tokens.min() >= 0
+            self.prefixes = [self.prefixes[row] + tuple(fed)
+                             for row, fed in zip(parent_rows.tolist(), tokens.tolist())]
+        return torch.stack([self.log_probs(row // self.beam_size, prefix)
+                            for row, prefix in enumerate(self.prefixes)]).to(self.device)
+
+
+class GeneratedView:
+    """The same model seen from the generated tokens only: the forced tokens of each depth are
+    inserted into the context before its token is scored (what brute force and exhaustive
+    scoring must reproduce). offset: generated tokens before the item path (a prefix token)."""
+
+    def __init__(self, model, forced, offset=0):
+        self.model, self.forced, self.offset = model, forced, offset
+
+    def fed(self, generated):
+        fed = ()
+        for position in range(len(generated) + 1):
+            fed += tuple(self.forced.get(position - self.offset, ()))
+            if position < len(generated):
+                fed += (generated[position],)
+        return fed
+
+    def log_probs(self, batch_row, generated):
+        return self.model.log_probs(batch_row, self.fed(generated))
+
+    def path_score(self, batch_row, path):
+        score = np.float32(0.0)
+        for t, token in enumerate(path):
+            score = score + self.log_probs(batch_row, tuple(path[:t])).numpy()[token]
+        return score
+
+
+def random_forced(depth, vocab_from, seed):
+    """Forced tokens at a random subset of depths (each 1-2 tokens, ids above the path codes)."""
+    gen = np.random.default_rng(seed)
+    return {d: [int(t) for t in gen.integers(vocab_from, vocab_from + 4, gen.integers(1, 3))]
+            for d in range(depth) if gen.random() < 0.6}
+
+
+def run_forced(paths, forced, batch_size, beam_size, seed=0, ties=False, prefix_tokens=None, spare_tokens=5):
+    trie = Trie(paths)
+    vocab = max(trie.vocab_size, max(prefix_tokens or [0]) + 1) + spare_tokens
+    model = ForcedPrefixModel(batch_size, beam_size, vocab, seed, ties)
+    items, scores = beam_search(model, trie, batch_size, beam_size, prefix_tokens=prefix_tokens,
+                                forced_tokens=forced)
+    assert model.calls == trie.depth + (prefix_tokens is not None)  # forced steps ride along, no extra call
+    return model, items, scores
+
+
+@settings(max_examples=30, deadline=None)
+@given(num_items=st.integers(1, 80), depth=st.integers(1, 4), codes=st.integers(1, 5), batch_size=st.integers(1, 2),
+       seed=st.integers(0, 2**16))
+def test_forced_steps_with_every_item_equal_exhaustive_scoring(num_items, depth, codes, batch_size, seed):
+    paths = random_paths(num_items, depth, codes, seed)
+    forced = random_forced(depth, codes + 1, seed)
+    model, items, scores = run_forced(paths, forced, batch_size, len(paths), seed)
+    view = GeneratedView(model, forced)
+    for row in range(batch_size):
+        exhaustive = sorted(((item, float(view.path_score(row, path))) for item, path in enumerate(paths.tolist())),
+                            key=lambda pair: -pair[1])
+        # The log-probs are random functions of the whole context: equal scores mean every forced
+        # token reached the model at its place.
+        assert as_pairs(items[row], scores[row]) == exhaustive
+
+
+@settings(max_examples=30, deadline=None)
+@given(num_items=st.integers(1, 80), depth=st.integers(1, 4), codes=st.integers(1, 5), beam_size=st.integers(1, 7),
+       ties=st.booleans(), prefix=st.booleans(), seed=st.integers(0, 2**16))
+def test_forced_steps_with_small_beams_equal_brute_force(num_items, depth, codes, beam_size, ties, prefix, seed):
+    paths = random_paths(num_items, depth, codes, seed)
+    prefix_tokens = [codes + 9, codes + 7] if prefix else None
+    forced = random_forced(depth, codes + 1, seed)
+    model, items, scores = run_forced(paths, forced, 2, beam_size, seed, ties, prefix_tokens)
+    view = GeneratedView(model, forced, offset=int(prefix))
+    for row in range(2):
+        expected = brute_force_beam_search(view, row, paths.tolist(), beam_size, prefix_tokens)
+        assert as_pairs(items[row], scores[row]) == expected
+
+
+def test_no_forced_tokens_is_the_plain_search_and_bad_ones_are_refused():
+    paths = random_paths(40, 3, 4, seed=2)
+    _, items, scores = run(paths, 2, 6, seed=2)
+    _, forced_items, forced_scores = run_forced(paths, {}, 2, 6, seed=2, spare_tokens=1)  # run's vocabulary
+    assert torch.equal(items, forced_items) and torch.equal(scores, forced_scores)
+    trie, model = Trie(paths), ForcedPrefixModel(1, 2, 10)
+    for forced, error, message in (([5], TypeError, "must be a mapping"), ({3: [5]}, ValueError, r"in \[0, 3\)"),
+                                   ({-1: [5]}, ValueError, "path depths"), ({0: []}, ValueError, "non-empty"),
+                                   ({0: [-2]}, ValueError, "non-negative"), ({0: [[1, 2]]}, ValueError, "1-D"),
+                                   ({0: [0.5]}, ValueError, "integer")):
+        with pytest.raises(error, match=message):
+            beam_search(model, trie, 1, 2, forced_tokens=forced)
+    assert model.calls == 0  # refused before the model is called
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("prefix_tokens", [None, [9, 5, 7]])

@@ -274,17 +274,19 @@ class GRACE(nn.Module):
         """A `step_fn` for `sparserec.generate.beam_search` over B requests × beam_size beams.
 
         The first call feeds the start token, then `start_tokens` (B, P) if given (e.g. the target
-        behavior token of target-behavior prediction), and returns the next token's log-probs;
-        later calls reorder the KV cache by the parent rows and feed each beam's chosen token.
+        behavior token of target-behavior prediction), then any forced tokens the search gives, and
+        returns the next token's log-probs; later calls reorder the KV cache by the parent rows and
+        feed each beam's chosen token (and the forced tokens after it) in one decoder call.
         """
         cache = self.new_cache(memory, beam_size)
         rows = cache.batch_size * beam_size
 
         def step_fn(tokens, parent_rows):
-            if tokens is None:
-                tokens = torch.full((rows, 1), self.config.decoder_start_token_id, device=memory.states.device)
+            if parent_rows is None:
+                start = torch.full((rows, 1), self.config.decoder_start_token_id, device=memory.states.device)
                 if start_tokens is not None:
-                    tokens = torch.cat([tokens, start_tokens.repeat_interleave(beam_size, dim=0)], dim=1)
+                    start = torch.cat([start, start_tokens.repeat_interleave(beam_size, dim=0)], dim=1)
+                tokens = start if tokens is None else torch.cat([start, tokens], dim=1)
             else:
                 cache.reorder(parent_rows)
             return torch.log_softmax(self.decode(tokens, cache)[:, -1].float(), dim=-1)
