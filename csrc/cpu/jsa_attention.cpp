@@ -29,8 +29,9 @@ namespace sparserec {
 namespace {
 
 // Key flags. A key set is the tile's contiguous key ranges (selected blocks and the window span;
-// kInRange) followed by its visible anchors (kAnchor): an anchor inside a range appears twice, once
-// per part, and each branch reads only its part, so no branch sees a key twice.
+// kInRange), padded to whole vectors, followed by its visible anchors (kAnchor): an anchor inside a
+// range appears twice, once per part, and each branch reads only its part (slc and win the ranges,
+// jrn the anchors), so no branch sees a key twice and the row kernels treat the parts separately.
 constexpr int32_t kSelected = 1, kAnchor = 2, kInRange = 4;
 // Position of padding keys: outside every window, flags 0, so no branch sees them.
 constexpr int32_t kNoKey = -(1 << 30);
@@ -84,7 +85,8 @@ struct Workspace {
   std::vector<int64_t> order;
   std::vector<int32_t> keys, flags;  // padded to whole vectors with keys no branch sees
   std::vector<std::pair<int64_t, int64_t>> ranges;  // the key set's contiguous ranges, merged
-  int64_t num_anchors = 0;                            // visible anchors after the ranges
+  int64_t range_cols = 0;                             // their keys, padded to whole vectors
+  int64_t num_anchors = 0;                            // visible anchors after them
 };
 
 // ---- row kernels -----------------------------------------------------------------------------------
@@ -143,8 +145,8 @@ SPARSEREC_VECTOR_CLONES float softmax_prefix_row(float* s, int64_t nvis, int64_t
 
 // Forward of a key row: s -> P = sum_b g_b softmax_b(s) in place; lse[1..3] for (slc, jrn, win);
 // e: 4 * n scratch.
-void keys_row_forward(double* s, const int32_t* pos, const int32_t* flags, int64_t n, RowRule rule,
-                      const double* gate, double* lse, double* e) {
+void keys_row_forward(double* s, const int32_t* pos, const int32_t* flags, int64_t /*n_range: flags tell*/,
+                      int64_t n, RowRule rule, const double* gate, double* lse, double* e) {
   double m[3], z[3] = {0, 0, 0};
   std::fill(m, m + 3, -std::numeric_limits<double>::infinity());
   for (int64_t j = 0; j < n; ++j) {
@@ -166,16 +168,22 @@ void keys_row_forward(double* s, const int32_t* pos, const int32_t* flags, int64
   for (int64_t j = 0; j < n; ++j) s[j] = c[0] * e[j] + c[1] * e[n + j] + c[2] * e[2 * n + j];
 }
 
-// Vector masks of a key row for query t: slc, jrn, win (-1 where the branch sees the key).
+// Vector masks of range keys for query t: slc, win (-1 where the branch sees the key; jrn unused).
 struct KeyMasks8 {
-  cpu::vec::i8 slc, jrn, win;
+  cpu::vec::i8 slc, win;
 };
-inline KeyMasks8 key_masks(const int32_t* pos, const int32_t* flags, int64_t j, RowRule rule) {
+inline KeyMasks8 range_masks(const int32_t* pos, const int32_t* flags, int64_t j, RowRule rule) {
   using namespace cpu::vec;
   const i8 p = load(pos + j), f = load(flags + j), t = splat(rule.t), w = splat(rule.window);
   const i8 vis = rule.causal ? (p <= t) : ~i8{};
   const i8 win = ((f & kInRange) != 0) & (rule.causal ? (vis & (t - p < w)) : ((t - p < w) & (p - t < w)));
-  return {vis & ((f & kSelected) != 0), vis & ((f & kAnchor) != 0), win};
+  return {vis & ((f & kSelected) != 0), win};
+}
+// Vector mask of anchor keys for query t (jrn).
+inline cpu::vec::i8 anchor_mask(const int32_t* pos, const int32_t* flags, int64_t j, RowRule rule) {
+  using namespace cpu::vec;
+  const i8 anchor = (load(flags + j) & kAnchor) != 0;
+  return rule.causal ? anchor & (load(pos + j) <= splat(rule.t)) : anchor;
 }
 
 // One exponential per key: every branch shifts by the row's largest visible score M, which gives the
@@ -183,70 +191,75 @@ inline KeyMasks8 key_masks(const int32_t* pos, const int32_t* flags, int64_t j, 
 // underflow that matters); a branch further below is recomputed with its own max.
 constexpr float kSharedShift = 20.0f;
 
-SPARSEREC_VECTOR_CLONES void keys_row_forward(float* s, const int32_t* pos, const int32_t* flags, int64_t n,
-                                              RowRule rule, const float* gate, float* lse, float* e) {
+SPARSEREC_VECTOR_CLONES void keys_row_forward(float* s, const int32_t* pos, const int32_t* flags, int64_t n_range,
+                                              int64_t n, RowRule rule, const float* gate, float* lse, float* e) {
   using namespace cpu::vec;
   const f8 neg_inf = splat(-std::numeric_limits<float>::infinity()), low = splat(-100.0f);
+  // e[0, n_range): slc exponentials; e[n_range, n): jrn; e[n, n + n_range): win.
   f8 m_slc = neg_inf, m_jrn = neg_inf, m_win = neg_inf;
-  for (int64_t j = 0; j < n; j += kLanes) {
-    const KeyMasks8 mask = key_masks(pos, flags, j, rule);
+  for (int64_t j = 0; j < n_range; j += kLanes) {
+    const KeyMasks8 mask = range_masks(pos, flags, j, rule);
     const f8 x = load(s + j);
     m_slc = (mask.slc & (x > m_slc)) ? x : m_slc;
-    m_jrn = (mask.jrn & (x > m_jrn)) ? x : m_jrn;
     m_win = (mask.win & (x > m_win)) ? x : m_win;
+  }
+  for (int64_t j = n_range; j < n; j += kLanes) {
+    const f8 x = load(s + j);
+    m_jrn = (anchor_mask(pos, flags, j, rule) & (x > m_jrn)) ? x : m_jrn;
   }
   float shift[3] = {cpu::vec::max(m_slc), cpu::vec::max(m_jrn), cpu::vec::max(m_win)};
   const float row_max = std::max({shift[0], shift[1], shift[2]});
   f8 z_slc = f8{}, z_jrn = f8{}, z_win = f8{};
-  for (int64_t j = 0; j < n; j += kLanes) {
-    const KeyMasks8 mask = key_masks(pos, flags, j, rule);
-    const i8 any = mask.slc | mask.jrn | mask.win;
+  for (int64_t j = 0; j < n_range; j += kLanes) {
+    const KeyMasks8 mask = range_masks(pos, flags, j, rule);
+    const i8 any = mask.slc | mask.win;
     const f8 p = any ? exp_nonpositive(any ? load(s + j) - row_max : low) : f8{};
+    const f8 p_slc = mask.slc ? p : f8{}, p_win = mask.win ? p : f8{};
+    store(e + j, p_slc);
+    store(e + n + j, p_win);
+    z_slc += p_slc;
+    z_win += p_win;
+  }
+  for (int64_t j = n_range; j < n; j += kLanes) {
+    const i8 in = anchor_mask(pos, flags, j, rule);
+    const f8 p = in ? exp_nonpositive(in ? load(s + j) - row_max : low) : f8{};
     store(e + j, p);
-    z_slc += mask.slc ? p : f8{};
-    z_jrn += mask.jrn ? p : f8{};
-    z_win += mask.win ? p : f8{};
+    z_jrn += p;
   }
   float sum[3] = {cpu::vec::sum(z_slc), cpu::vec::sum(z_jrn), cpu::vec::sum(z_win)};
-  bool own_shift[3];
   for (int b = 0; b < 3; ++b) {
-    own_shift[b] = sum[b] > 0 && shift[b] < row_max - kSharedShift;
-    if (!own_shift[b]) shift[b] = row_max;
-  }
-  if (own_shift[0] || own_shift[1] || own_shift[2]) {
-    // Rare: a branch's scores sit far below the row's max. Its own exponentials go to e + (b+1)*n.
-    for (int b = 0; b < 3; ++b) {
-      if (!own_shift[b]) continue;
-      f8 z = f8{};
-      for (int64_t j = 0; j < n; j += kLanes) {
-        const KeyMasks8 mask = key_masks(pos, flags, j, rule);
-        const i8 in = b == 0 ? mask.slc : (b == 1 ? mask.jrn : mask.win);
-        const f8 p = in ? exp_nonpositive(in ? load(s + j) - shift[b] : low) : f8{};
-        store(e + (b + 1) * n + j, p);
-        z += p;
-      }
-      sum[b] = cpu::vec::sum(z);
+    if (!(sum[b] > 0 && shift[b] < row_max - kSharedShift)) {
+      shift[b] = row_max;
+      continue;
     }
+    // Rare: the branch's scores sit far below the row's max; redo its exponentials with its own max.
+    const int64_t begin = b == 1 ? n_range : 0, end = b == 1 ? n : n_range;
+    float* dst = b == 2 ? e + n : e;
+    f8 z = f8{};
+    for (int64_t j = begin; j < end; j += kLanes) {
+      const i8 in = b == 1 ? anchor_mask(pos, flags, j, rule)
+                           : (b == 0 ? range_masks(pos, flags, j, rule).slc : range_masks(pos, flags, j, rule).win);
+      const f8 p = in ? exp_nonpositive(in ? load(s + j) - shift[b] : low) : f8{};
+      store(dst + j, p);
+      z += p;
+    }
+    sum[b] = cpu::vec::sum(z);
   }
   float c[3];
   for (int b = 0; b < 3; ++b) {
     c[b] = sum[b] > 0 ? gate[b + 1] / sum[b] : 0.0f;
     lse[b + 1] = sum[b] > 0 ? shift[b] + std::log(sum[b]) : std::numeric_limits<float>::infinity();
   }
-  for (int64_t j = 0; j < n; j += kLanes) {
-    const KeyMasks8 mask = key_masks(pos, flags, j, rule);
-    const f8 p = load(e + j);
-    const f8 ps = own_shift[0] ? load(e + n + j) : p, pj = own_shift[1] ? load(e + 2 * n + j) : p,
-             pw = own_shift[2] ? load(e + 3 * n + j) : p;
-    store(s + j, (mask.slc ? c[0] * ps : f8{}) + (mask.jrn ? c[1] * pj : f8{}) + (mask.win ? c[2] * pw : f8{}));
-  }
+  for (int64_t j = 0; j < n_range; j += kLanes) store(s + j, c[0] * load(e + j) + c[2] * load(e + n + j));
+  for (int64_t j = n_range; j < n; j += kLanes) store(s + j, c[1] * load(e + j));
 }
 
 // Backward of a key row. In: s (scores), dp = dO . v_key. Out: s -> dS (before the softmax scale),
 // pt -> sum_b g_b P_b, dg[1..3] = rowsum(P_b dp) (the gates' gradients). lse is +inf for a branch
 // without keys, where its mask is false anyway.
-void keys_row_backward(double* s, const double* dp, const int32_t* pos, const int32_t* flags, int64_t n,
-                       RowRule rule, const double* gate, const double* lse, double* pt, double* e, double* dg) {
+void keys_row_backward(double* s, const double* dp, const int32_t* pos, const int32_t* flags,
+                       int64_t /*n_range: flags tell*/, int64_t n, RowRule rule, const double* gate,
+                       const double* lse, double* pt, double* e, double* dg) {
   double d[3] = {0, 0, 0};
   for (int64_t j = 0; j < n; ++j) {
     bool mask[3];
@@ -262,33 +275,41 @@ void keys_row_backward(double* s, const double* dp, const int32_t* pos, const in
 }
 
 SPARSEREC_VECTOR_CLONES void keys_row_backward(float* s, const float* dp, const int32_t* pos, const int32_t* flags,
-                                               int64_t n, RowRule rule, const float* gate, const float* lse,
-                                               float* pt, float* e, float* dg) {
+                                               int64_t n_range, int64_t n, RowRule rule, const float* gate,
+                                               const float* lse, float* pt, float* e, float* dg) {
   using namespace cpu::vec;
   const f8 low = splat(-100.0f);
+  // e[0, n_range): slc probabilities; e[n_range, n): jrn; e[n, n + n_range): win.
   f8 d_slc = f8{}, d_jrn = f8{}, d_win = f8{};
-  for (int64_t j = 0; j < n; j += kLanes) {
-    const KeyMasks8 mask = key_masks(pos, flags, j, rule);
+  for (int64_t j = 0; j < n_range; j += kLanes) {
+    const KeyMasks8 mask = range_masks(pos, flags, j, rule);
     const f8 x = load(s + j), g = load(dp + j);
     const f8 a = mask.slc ? exp_nonpositive(mask.slc ? x - lse[1] : low) : f8{};
-    const f8 b = mask.jrn ? exp_nonpositive(mask.jrn ? x - lse[2] : low) : f8{};
     const f8 c = mask.win ? exp_nonpositive(mask.win ? x - lse[3] : low) : f8{};
     store(e + j, a);
-    store(e + n + j, b);
-    store(e + 2 * n + j, c);
+    store(e + n + j, c);
     d_slc += a * g;
-    d_jrn += b * g;
     d_win += c * g;
+  }
+  for (int64_t j = n_range; j < n; j += kLanes) {
+    const i8 in = anchor_mask(pos, flags, j, rule);
+    const f8 b = in ? exp_nonpositive(in ? load(s + j) - lse[2] : low) : f8{};
+    store(e + j, b);
+    d_jrn += b * load(dp + j);
   }
   const float sum_slc = cpu::vec::sum(d_slc), sum_jrn = cpu::vec::sum(d_jrn), sum_win = cpu::vec::sum(d_win);
   dg[1] = sum_slc;
   dg[2] = sum_jrn;
   dg[3] = sum_win;
-  for (int64_t j = 0; j < n; j += kLanes) {
-    const f8 ps = gate[1] * load(e + j), pj = gate[2] * load(e + n + j), pw = gate[3] * load(e + 2 * n + j);
-    const f8 g = load(dp + j);
-    store(pt + j, ps + pj + pw);
-    store(s + j, ps * (g - sum_slc) + pj * (g - sum_jrn) + pw * (g - sum_win));
+  for (int64_t j = 0; j < n_range; j += kLanes) {
+    const f8 ps = gate[1] * load(e + j), pw = gate[3] * load(e + n + j), g = load(dp + j);
+    store(pt + j, ps + pw);
+    store(s + j, ps * (g - sum_slc) + pw * (g - sum_win));
+  }
+  for (int64_t j = n_range; j < n; j += kLanes) {
+    const f8 pj = gate[2] * load(e + j);
+    store(pt + j, pj);
+    store(s + j, pj * (load(dp + j) - sum_jrn));
   }
 }
 
@@ -341,7 +362,8 @@ void choose_blocks(const std::vector<double>& importance, int64_t num_cmp_seen, 
 
 // The tile's key set: merged ranges (selected blocks, window span), then the visible anchors; K/V are
 // read in place (ranges) or from the per-sequence anchor rows, never gathered per tile. Fills
-// w.ranges, w.num_anchors, w.keys (positions) and w.flags, padded to whole vectors; returns n.
+// w.ranges, w.range_cols, w.num_anchors, w.keys (positions) and w.flags, padded to whole vectors;
+// returns n = range_cols + num_anchors.
 template <typename T>
 int64_t plan_keys(const Problem<T>& P, const BatchPlan& plan, const SeqPlan& seq, const Item& it,
                   const int64_t* chosen, int64_t num_chosen, Workspace<T>& w) {
@@ -376,6 +398,9 @@ int64_t plan_keys(const Problem<T>& P, const BatchPlan& plan, const SeqPlan& seq
       w.flags.push_back(kInRange | (selected ? kSelected : 0));
     }
   }
+  w.range_cols = cpu::vec::padded(static_cast<int64_t>(w.keys.size()));
+  w.keys.resize(w.range_cols, kNoKey);
+  w.flags.resize(w.range_cols, 0);
   w.keys.insert(w.keys.end(), anchors, anchors + w.num_anchors);
   w.flags.insert(w.flags.end(), w.num_anchors, kAnchor);
   const int64_t n = static_cast<int64_t>(w.keys.size());
@@ -384,7 +409,8 @@ int64_t plan_keys(const Problem<T>& P, const BatchPlan& plan, const SeqPlan& seq
   return n;
 }
 
-// out[:, keys] = alpha * a (R x D) @ K_keysᵀ: one GEMM per range (K read in place) and one for the anchors.
+// out[:, keys] = alpha * a (R x D) @ K_keysᵀ: one GEMM per range (K read in place) and one for the
+// anchors; padding columns are 0.
 template <typename T>
 void times_keys_t(const Problem<T>& P, const SeqPlan& seq, const Item& it, const Workspace<T>& w, const T* keys,
                   const T* anchor_keys, int64_t rows, T alpha, const T* a, T* out, int64_t ld) {
@@ -396,7 +422,11 @@ void times_keys_t(const Problem<T>& P, const SeqPlan& seq, const Item& it, const
     col += end - begin;
   }
   const T* anchor_rows = anchor_keys + (it.kv_head * P.total_anchors + seq.anchor_begin) * D;
-  cpu::gemm<T>(false, true, rows, w.num_anchors, D, alpha, a, D, anchor_rows, D, T(0), out + col, ld);
+  cpu::gemm<T>(false, true, rows, w.num_anchors, D, alpha, a, D, anchor_rows, D, T(0), out + w.range_cols, ld);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(out + r * ld + col, out + r * ld + w.range_cols, T(0));
+    std::fill(out + r * ld + w.range_cols + w.num_anchors, out + (r + 1) * ld, T(0));
+  }
 }
 
 // out (R x D) += alpha * p[:, keys] @ V_keys, V read as in times_keys_t.
@@ -411,7 +441,7 @@ void accumulate_keys(const Problem<T>& P, const SeqPlan& seq, const Item& it, co
     col += end - begin;
   }
   const T* anchor_rows = anchor_values + (it.kv_head * P.total_anchors + seq.anchor_begin) * D;
-  cpu::gemm<T>(false, false, rows, D, w.num_anchors, alpha, p + col, ld, anchor_rows, D, T(1), out, D);
+  cpu::gemm<T>(false, false, rows, D, w.num_anchors, alpha, p + w.range_cols, ld, anchor_rows, D, T(1), out, D);
 }
 
 template <typename T>
@@ -468,8 +498,8 @@ void forward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, Wo
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head_row = P.query_row(seq, it, r);
     const RowRule rule{static_cast<int32_t>(it.q_begin + r % nq), static_cast<int32_t>(cfg.window), cfg.causal};
-    keys_row_forward(w.s_keys.data() + r * ld, w.keys.data(), w.flags.data(), ld, rule, P.gates + head_row * 4,
-                     lse + head_row * 4, w.rows.data());
+    keys_row_forward(w.s_keys.data() + r * ld, w.keys.data(), w.flags.data(), w.range_cols, ld, rule,
+                     P.gates + head_row * 4, lse + head_row * 4, w.rows.data());
   }
   accumulate_keys(P, seq, it, w, P.v, P.anchor_v, R, T(1), w.s_keys.data(), ld, w.o.data());
   for (int64_t r = 0; r < R; ++r) std::copy_n(w.o.data() + r * D, D, out + P.query_row(seq, it, r) * D);
@@ -534,8 +564,8 @@ void backward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, W
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head_row = P.query_row(seq, it, r);
     const RowRule rule{static_cast<int32_t>(it.q_begin + r % nq), static_cast<int32_t>(cfg.window), cfg.causal};
-    keys_row_backward(w.s_keys.data() + r * ld, w.dp.data() + r * ld, w.keys.data(), w.flags.data(), ld, rule,
-                      P.gates + head_row * 4, lse + head_row * 4, w.p_keys.data() + r * ld, w.rows.data(),
+    keys_row_backward(w.s_keys.data() + r * ld, w.dp.data() + r * ld, w.keys.data(), w.flags.data(), w.range_cols,
+                      ld, rule, P.gates + head_row * 4, lse + head_row * 4, w.p_keys.data() + r * ld, w.rows.data(),
                       dg.data() + r * 4);
   }
   part.keys.assign(w.keys.begin(), w.keys.begin() + n);
@@ -731,6 +761,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           T* dk = grad_k.data_ptr<T>() + seq.start * kv_row + it.kv_head * D;
           T* dv = grad_v.data_ptr<T>() + seq.start * kv_row + it.kv_head * D;
           for (size_t j = 0; j < part.keys.size(); ++j) {
+            if (part.keys[j] == kNoKey) continue;
             const int64_t offset = part.keys[j] * kv_row;
             for (int64_t d = 0; d < D; ++d) {
               dk[offset + d] += part.dk[j * D + d];

@@ -1,42 +1,81 @@
 // CPU kernels of sparserec::jsa_compress and its backward (SPEC §1, cmp): Kc_i = sum_r (x[i*d + r] + pe_r) W_r.
-// Reference: sparserec.reference.jsa.jsa_compress. Block i's r-th rows of a sequence form a strided
-// matrix (row stride d tokens), so the compression is `block` GEMMs per (sequence, kv head) straight
-// on x, with no gathered (Tc, l, Hkv, D) copy; pe enters as one bias row per head.
+// Reference: sparserec.reference.jsa.jsa_compress. Per kv head, the flattened (l*D) inputs of a chunk
+// of whole sequences' blocks (up to kChunkBlocks, or one longer sequence) are gathered into a
+// workspace and multiplied by W_h (l*D x D) in one GEMM: short sequences share one large product
+// instead of paying l small ones each, and no (Tc, l, Hkv, D) copy of the batch exists. pe enters as
+// one bias row per head. Chunks hold whole sequences, so the backward's dx items never share a row.
 #include "cpu/cpu_math.h"
 #include "cpu/jsa_plan.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace sparserec {
 namespace {
 
+constexpr int64_t kChunkBlocks = 256;
+
+struct Chunk {
+  int64_t seq_begin, seq_end, block_begin, block_end;
+};
+
+// Consecutive sequences with blocks, grouped up to kChunkBlocks blocks (a longer sequence alone).
+std::vector<Chunk> make_chunks(const std::vector<CompressSeq>& seqs) {
+  std::vector<Chunk> chunks;
+  for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s) {
+    const CompressSeq& seq = seqs[s];
+    if (seq.num_blocks == 0) continue;
+    if (chunks.empty() || chunks.back().block_end - chunks.back().block_begin + seq.num_blocks > kChunkBlocks) {
+      chunks.push_back({s, s + 1, seq.block_start, seq.block_start + seq.num_blocks});
+    } else {
+      chunks.back().seq_end = s + 1;
+      chunks.back().block_end = seq.block_start + seq.num_blocks;
+    }
+  }
+  return chunks;
+}
+
+// dst row c = the flattened (l*D) input of the chunk's block c for head h.
+template <typename T>
+void gather_blocks(const T* x, const std::vector<CompressSeq>& seqs, const Chunk& chunk, int64_t h, int64_t heads,
+                   int64_t dim, int64_t block, int64_t stride, cpu::Buffer<T>& dst) {
+  const int64_t flat = block * dim;
+  dst.resize((chunk.block_end - chunk.block_begin) * flat);
+  T* out = dst.data();
+  for (int64_t s = chunk.seq_begin; s < chunk.seq_end; ++s) {
+    const CompressSeq& seq = seqs[s];
+    for (int64_t c = 0; c < seq.num_blocks; ++c)
+      for (int64_t r = 0; r < block; ++r, out += dim)
+        std::copy_n(x + ((seq.token_start + c * stride + r) * heads + h) * dim, dim, out);
+  }
+}
+
 template <typename T>
 void compress_forward(const T* x, const T* weight, const T* pe, const std::vector<CompressSeq>& seqs, int64_t heads,
                       int64_t dim, int64_t block, int64_t stride, T* out) {
-  const int64_t row = heads * dim;  // elements per token in x and out
+  const int64_t row = heads * dim, flat = block * dim;  // elements per token in x and out; per block input
   // bias[h] = sum_r pe[h, r] @ W[h, r]: the (1 x l*D) @ (l*D x D) product per head.
   std::vector<T> bias(heads * dim);
   for (int64_t h = 0; h < heads; ++h) {
-    cpu::gemm<T>(false, false, 1, dim, block * dim, T(1), pe + h * block * dim, block * dim,
-                 weight + h * block * dim * dim, dim, T(0), bias.data() + h * dim, dim);
+    cpu::gemm<T>(false, false, 1, dim, flat, T(1), pe + h * flat, flat, weight + h * flat * dim, dim, T(0),
+                 bias.data() + h * dim, dim);
   }
-  const int64_t num_items = static_cast<int64_t>(seqs.size()) * heads;
+  const std::vector<Chunk> chunks = make_chunks(seqs);
+  const int64_t num_items = static_cast<int64_t>(chunks.size()) * heads;
   at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
     const cpu::SequentialBlas sequential_blas;
+    cpu::Buffer<T> inputs;
     for (int64_t item = begin; item < end; ++item) {
-      const CompressSeq& seq = seqs[item / heads];
-      const int64_t h = item % heads;
-      if (seq.num_blocks == 0) continue;
-      T* dst = out + seq.block_start * row + h * dim;
-      for (int64_t c = 0; c < seq.num_blocks; ++c) std::copy_n(bias.data() + h * dim, dim, dst + c * row);
-      for (int64_t r = 0; r < block; ++r) {
-        const T* src = x + (seq.token_start + r) * row + h * dim;
-        cpu::gemm<T>(false, false, seq.num_blocks, dim, dim, T(1), src, stride * row,
-                     weight + (h * block + r) * dim * dim, dim, T(1), dst, row);
-      }
+      const Chunk& chunk = chunks[item / heads];
+      const int64_t h = item % heads, count = chunk.block_end - chunk.block_begin;
+      T* dst = out + chunk.block_begin * row + h * dim;
+      for (int64_t c = 0; c < count; ++c) std::copy_n(bias.data() + h * dim, dim, dst + c * row);
+      gather_blocks(x, seqs, chunk, h, heads, dim, block, stride, inputs);
+      cpu::gemm<T>(false, false, count, dim, flat, T(1), inputs.data(), flat, weight + h * flat * dim, dim, T(1), dst,
+                   row);
     }
   });
 }
@@ -45,44 +84,54 @@ template <typename T>
 void compress_backward(const T* grad, const T* x, const T* weight, const T* pe, const std::vector<CompressSeq>& seqs,
                        int64_t heads, int64_t dim, int64_t block, int64_t stride, T* grad_x, T* grad_weight,
                        T* grad_pe) {
-  const int64_t row = heads * dim;
-  // dx rows of one (sequence, head): block r's rows are disjoint for fixed r, and r runs serially.
-  const int64_t num_items = static_cast<int64_t>(seqs.size()) * heads;
+  const int64_t row = heads * dim, flat = block * dim;
+  const std::vector<Chunk> chunks = make_chunks(seqs);
+  // dx of one (chunk, head): dBlocks = G W_h^T (blocks x l*D), added to the blocks' rows in order.
+  const int64_t num_items = static_cast<int64_t>(chunks.size()) * heads;
   at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
     const cpu::SequentialBlas sequential_blas;
+    cpu::Buffer<T> d_blocks;
     for (int64_t item = begin; item < end; ++item) {
-      const CompressSeq& seq = seqs[item / heads];
-      const int64_t h = item % heads;
-      if (seq.num_blocks == 0) continue;
-      const T* g = grad + seq.block_start * row + h * dim;
-      for (int64_t r = 0; r < block; ++r) {
-        cpu::gemm<T>(false, true, seq.num_blocks, dim, dim, T(1), g, row, weight + (h * block + r) * dim * dim, dim,
-                     T(1), grad_x + (seq.token_start + r) * row + h * dim, stride * row);
+      const Chunk& chunk = chunks[item / heads];
+      const int64_t h = item % heads, count = chunk.block_end - chunk.block_begin;
+      d_blocks.resize(count * flat);
+      cpu::gemm<T>(false, true, count, flat, dim, T(1), grad + chunk.block_begin * row + h * dim, row,
+                   weight + h * flat * dim, dim, T(0), d_blocks.data(), flat);
+      const T* src = d_blocks.data();
+      for (int64_t s = chunk.seq_begin; s < chunk.seq_end; ++s) {
+        const CompressSeq& seq = seqs[s];
+        for (int64_t c = 0; c < seq.num_blocks; ++c) {
+          for (int64_t r = 0; r < block; ++r, src += dim) {
+            T* dst = grad_x + ((seq.token_start + c * stride + r) * heads + h) * dim;
+            for (int64_t i = 0; i < dim; ++i) dst[i] += src[i];
+          }
+        }
       }
     }
   });
-  // dW[h, r] = sum over sequences of X_r^T G (+ pe_r^T sum_c G_c), one owner per (h, r): deterministic.
+  // dW[h] = sum over chunks of Blocks^T G + pe_h^T (sum_c G_c), dpe[h] = (sum_c G_c) W_h^T; one owner
+  // per head, chunks in order: deterministic.
   std::vector<T> grad_sum(heads * dim, T(0));
   for (const CompressSeq& seq : seqs) {
     for (int64_t c = 0; c < seq.num_blocks; ++c)
       for (int64_t i = 0; i < row; ++i) grad_sum[i] += grad[(seq.block_start + c) * row + i];
   }
-  at::parallel_for(0, heads * block, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
     const cpu::SequentialBlas sequential_blas;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t h = item / block, r = item % block;
-      T* dw = grad_weight + item * dim * dim;
-      const T* p = pe + item * dim;
-      for (int64_t i = 0; i < dim; ++i)
-        for (int64_t j = 0; j < dim; ++j) dw[i * dim + j] = p[i] * grad_sum[h * dim + j];
-      for (const CompressSeq& seq : seqs) {
-        if (seq.num_blocks == 0) continue;
-        cpu::gemm<T>(true, false, dim, dim, seq.num_blocks, T(1), x + (seq.token_start + r) * row + h * dim,
-                     stride * row, grad + seq.block_start * row + h * dim, row, T(1), dw, dim);
+    cpu::Buffer<T> inputs;
+    for (int64_t h = begin; h < end; ++h) {
+      T* dw = grad_weight + h * flat * dim;
+      const T* g_sum = grad_sum.data() + h * dim;
+      const T* p = pe + h * flat;
+      for (int64_t i = 0; i < flat; ++i)
+        for (int64_t j = 0; j < dim; ++j) dw[i * dim + j] = p[i] * g_sum[j];
+      for (const Chunk& chunk : chunks) {
+        gather_blocks(x, seqs, chunk, h, heads, dim, block, stride, inputs);
+        cpu::gemm<T>(true, false, flat, dim, chunk.block_end - chunk.block_begin, T(1), inputs.data(), flat,
+                     grad + chunk.block_begin * row + h * dim, row, T(1), dw, dim);
       }
-      // dpe[h, r] = W[h, r] @ sum_c G_c
-      cpu::gemm<T>(false, true, 1, dim, dim, T(1), grad_sum.data() + h * dim, dim, weight + item * dim * dim, dim,
-                   T(0), grad_pe + item * dim, dim);
+      cpu::gemm<T>(false, true, 1, flat, dim, T(1), g_sum, dim, weight + h * flat * dim, dim, T(0), grad_pe + h * flat,
+                   flat);
     }
   });
 }
@@ -112,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jsa_compress_backward_cpu(
               "jsa_compress_backward: grad must be (Tc_total, Hkv, D) like the compressed output, got ", grad.sizes(),
               " ", grad.scalar_type());
   const int64_t heads = x.size(1), dim = x.size(2);
-  at::Tensor grad_x = at::zeros_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor grad_x = at::zeros_like(x, at::MemoryFormat::Contiguous);  // tokens in no block keep 0
   at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
   at::Tensor grad_pe = at::empty_like(pe, at::MemoryFormat::Contiguous);
   const at::Tensor gc = grad.contiguous(), xc = x.contiguous(), wc = weight.contiguous(), pc = pe.contiguous();
