@@ -23,6 +23,7 @@ from .evaluate import task_targets, tasks_for
 from .generate import Trie
 from .ops.trie import MAX_PADDED_BEAMS
 from .models import recommend as recommend_items
+from .models.grace import ThinkConfig
 from .pipeline import (GRACE_PRESETS, MODELS, TRAIN_DEFAULTS, baselines, build_model, evaluate, fit, load_run, prepare,
                        save_run, subsample)
 from .reference.jsa import BRANCHES
@@ -32,6 +33,9 @@ from .train import TrainConfig, init_distributed, seed_everything, shutdown_dist
 
 # CoBa's options (--coba-window ...), as argparse names; each maps to the CoBaConfig field after "coba_".
 COBA_OPTIONS = ("coba_window", "coba_steps", "coba_mix", "coba_uniformity", "coba_balance")
+# S²GR thinking's options (--think-clusters ...); each maps to the ThinkConfig field after "think_".
+THINK_OPTIONS = ("think_clusters", "think_align_weight", "think_interest_weight", "think_interest_reg",
+                 "think_temperature")
 
 # The largest K of the reported metrics (HR@10, NDCG@10): a beam must hold at least this many items.
 LARGEST_K = 10
@@ -109,6 +113,15 @@ def _check_arguments(parser, args) -> None:
     coba_given = [f"--{name.replace('_', '-')}" for name in COBA_OPTIONS if getattr(args, name, None) is not None]
     if coba_given and args.tokenizer != "coba":
         fail(f"{', '.join(coba_given)} applies to --tokenizer coba only")
+    think_given = [f"--{name.replace('_', '-')}" for name in THINK_OPTIONS if getattr(args, name, None) is not None]
+    if think_given and not args.think:
+        fail(f"{', '.join(think_given)} applies to --think only")
+    if getattr(args, "think", False):
+        if args.model != "grace":
+            fail("--think applies to --model grace only")
+        codebook_size = TokenizerConfig().rqvae.codebook_size
+        if args.think_clusters is not None and args.think_clusters > codebook_size:
+            fail(f"--think-clusters ({args.think_clusters}) cannot exceed the codebook size ({codebook_size})")
     if getattr(args, "beam", None) is not None and args.command in ("train", "evaluate") and args.beam < LARGEST_K:
         fail(f"--beam ({args.beam}) must be at least {LARGEST_K}: the metrics rank the top {LARGEST_K} "
                      "items of the beam")
@@ -192,6 +205,20 @@ def _train_arguments(parser):
                         help="evaluate on this many test users drawn with a fixed seed (default: all)")
     parser.add_argument("--beam", type=positive_int, default=20,
                         help=f"beam size of the constrained generation (at least {LARGEST_K}, the largest K)")
+    parser.add_argument("--think", action="store_true",
+                        help="GRACE: S²GR's thinking step before each SID level (forced in generation), aligned "
+                             "with k-means clusters of the codebooks, plus the holistic-interest head")
+    parser.add_argument("--think-clusters", type=_int_at_least(2), default=None,
+                        help=f"--think: K_c, k-means clusters per level's codebook (default: {ThinkConfig.clusters})")
+    parser.add_argument("--think-align-weight", type=non_negative_float, default=None,
+                        help=f"--think: weight of the thought-centroid InfoNCE (default: {ThinkConfig.align_weight})")
+    parser.add_argument("--think-interest-weight", type=non_negative_float, default=None,
+                        help="--think: weight of the holistic-interest InfoNCE "
+                             f"(default: {ThinkConfig.interest_weight})")
+    parser.add_argument("--think-interest-reg", type=non_negative_float, default=None,
+                        help=f"--think: lambda of lambda*(1 - cos(t_1, sg(v_g))) (default: {ThinkConfig.interest_reg})")
+    parser.add_argument("--think-temperature", type=positive_float, default=None,
+                        help=f"--think: temperature of both InfoNCE losses (default: {ThinkConfig.temperature})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, data order and sampling")
     parser.add_argument("--out", default=os.path.join("runs", "latest"), help="run directory to write")
     parser.add_argument("--checkpoint-every", type=non_negative_int, default=100,
@@ -236,6 +263,9 @@ def _model_options(args) -> dict:
                    attention=args.attention, disabled_branches=tuple(args.disable_branch))
     if args.max_history is not None:
         options["max_history"] = args.max_history
+    if args.think:
+        options["think"] = {name[len("think_"):]: getattr(args, name) for name in THINK_OPTIONS
+                            if getattr(args, name) is not None}
     return options
 
 
@@ -340,6 +370,9 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
+    if args.exhaustive and (runs.read_run(args.run).get("model_config") or {}).get("think"):
+        raise ValueError("--exhaustive scores paths without the thinking steps; this run thinks (--think): "
+                         "evaluate it by beam search")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, prepared, _ = load_run(args.run, device)
     targets = prepared.split.test if args.split == "test" else prepared.split.valid
@@ -454,7 +487,7 @@ def cmd_demo(args):
         batch_size=64, lr=2e-3, warmup=min(100, args.steps // 10), eval_every=args.steps, patience=0,
         valid_users=256, test_users=None, beam=20, seed=0, out=args.out, dataset="embedded", root=None,
         max_lines=None, checkpoint_every=100, dropout=0.1, head="tied", preset="small", max_history=None,
-        mask_history=False, schedule="cosine", time_limit=None)
+        mask_history=False, schedule="cosine", time_limit=None, think=False)
     if _is_main_process():
         runs.prepare_out_dir(args.out, resume=False, overwrite=True)  # the demo always starts afresh
     model, results, train_seconds = _train_and_evaluate(train_args, prepared)

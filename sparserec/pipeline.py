@@ -20,6 +20,7 @@ from .evaluate import evaluate_grace, evaluate_popularity, evaluate_recency, eva
 from .generate import Trie
 from . import runs
 from .models import GRACE, SASRec, GRACEConfig, SASRecConfig
+from .models.grace import ThinkConfig, ThinkingObjective
 from .tokenize import ItemTokenizer, TokenizerConfig
 from .train import Trainer, TrainConfig
 from .train.examples import DEFAULT_MAX_INTERACTIONS, GRACEExamples, SASRecExamples, grace_loss, sasrec_loss
@@ -74,14 +75,27 @@ def prepare(dataset: str = "embedded", root=None, max_lines=None, tokenizer_conf
     return Prepared(dataset, data, split, tokenizer)
 
 
-def build_model(kind: str, prepared: Prepared, max_history: int = DEFAULT_MAX_INTERACTIONS, **options):
+def build_model(kind: str, prepared: Prepared, max_history: int = DEFAULT_MAX_INTERACTIONS, think: dict | None = None,
+                **options):
     """A fresh GRACE (options: GRACEConfig fields; max_history: the most recent interactions its
-    encoder sees, which sets max_positions) or SASRec (options: SASRecConfig fields)."""
+    encoder sees, which sets max_positions; think: ThinkConfig fields other than levels and dim,
+    which come from the tokenizer — S²GR's thinking steps) or SASRec (options: SASRecConfig fields)."""
     if kind == "grace":
-        per_interaction = prepared.tokenizer.tokens_per_interaction
+        tokenizer = prepared.tokenizer
+        per_interaction = tokenizer.tokens_per_interaction
         longest = int(prepared.data.lengths.max())
         options.setdefault("max_positions", min(longest, max_history) * per_interaction)
-        return GRACE(GRACEConfig(vocab_size=prepared.tokenizer.vocab.size, **options))
+        if think is not None:
+            if tokenizer.codebooks is None:
+                raise ValueError("thinking needs the tokenizer's RQ-VAE codebooks, which this tokenizer was saved "
+                                 "without: fit it again")
+            if think.get("clusters", ThinkConfig.clusters) > tokenizer.config.rqvae.codebook_size:
+                raise ValueError(f"think clusters (K_c = {think['clusters']}) cannot exceed the codebook size "
+                                 f"({tokenizer.config.rqvae.codebook_size})")
+            options["think"] = ThinkConfig(levels=tokenizer.levels, dim=tokenizer.codebooks.shape[-1], **think)
+        return GRACE(GRACEConfig(vocab_size=tokenizer.vocab.size, **options))
+    if think is not None:
+        raise ValueError("think applies to GRACE only")
     if kind == "sasrec":
         options.setdefault("max_length", DEFAULT_MAX_INTERACTIONS)
         return SASRec(SASRecConfig(num_items=prepared.data.num_items, **options))
@@ -139,6 +153,9 @@ def fit(model, prepared: Prepared, config: TrainConfig, valid_users: int | None 
         max_interactions = model.config.max_positions // prepared.tokenizer.tokens_per_interaction
         examples = GRACEExamples(data, prepared.tokenizer, split.train_targets(data), max_interactions)
         loss_fn = grace_loss
+        if model.config.think:
+            targets = prepared.tokenizer.thinking_targets(model.config.think.clusters, config.seed)
+            loss_fn = ThinkingObjective(*targets)
         trie = Trie(prepared.tokenizer.item_paths())
 
         def evaluate_fn(trained):

@@ -80,6 +80,14 @@ def trained(tmp_path_factory):
     (["prepare", "--tokenizer", "coba", "--coba-window", "0"], "--coba-window: must be at least 1"),
     (["prepare", "--tokenizer", "coba", "--coba-mix", "1.5"], "--coba-mix: must be in [0, 1]"),
     (["prepare", "--tokenizer", "coba", "--coba-uniformity", "-1"], "--coba-uniformity: must be a non-negative"),
+    (["train", "--think-clusters", "8"], "--think-clusters applies to --think only"),
+    (["train", "--think-align-weight", "0.5", "--think-interest-reg", "1"],
+     "--think-align-weight, --think-interest-reg applies to --think only"),
+    (["train", "--think", "--model", "sasrec"], "--think applies to --model grace only"),
+    (["train", "--think", "--think-clusters", "1"], "--think-clusters: must be at least 2"),
+    (["train", "--think", "--think-clusters", "300"], "cannot exceed the codebook size (256)"),
+    (["train", "--think", "--think-interest-weight", "-0.1"], "--think-interest-weight: must be a non-negative"),
+    (["train", "--think", "--think-temperature", "0"], "--think-temperature: must be a positive"),
     (["evaluate", "somewhere", "--beam", "9"], "--beam (9) must be at least 10"),
     (["evaluate", "somewhere", "--max-users", "0"], "--max-users: must be at least 1"),
     (["recommend", "somewhere", "--user", "u1", "--top", "-3"], "--top: must be at least 1"),
@@ -327,3 +335,19 @@ def test_prepare_reports_codebook_utilisation_and_uniqueness_per_level(tmp_path,
     for level, (_, utilisation, unique) in enumerate(rows, 1):
         assert float(utilisation) == pytest.approx(stats[f"utilisation_level_{level}"], abs=5e-5)
         assert float(unique) == pytest.approx(stats[f"unique_level_{level}"], abs=5e-5)
+
+
+@pytest.mark.parametrize("cot", [True, False])
+def test_think_trains_evaluates_and_records_its_config(tmp_path, capsys, cot):
+    data = write_generic(str(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    argv = ["train", "--dataset", data, "--cache", str(tmp_path / "cache"), "--out", out, *TINY, "--think",
+            "--think-clusters", "4", "--think-interest-reg", "0.5", "--tokenizer", "coba"]
+    argv += [] if cot else ["--no-cot"]
+    assert cli.main(argv) == 0
+    think = runs.read_run(out)["model_config"]["think"]
+    assert (think["levels"], think["clusters"], think["interest_reg"]) == (3, 4, 0.5)
+    assert "| grace |" in capsys.readouterr().out
+    code, err = run_cli(capsys, "evaluate", out, "--exhaustive", "--max-users", "4")
+    assert code == 2 and "--exhaustive scores paths without the thinking steps" in err
+    assert run_cli(capsys, "evaluate", out, "--max-users", "4")[0] == 0

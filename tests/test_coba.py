@@ -125,3 +125,16 @@ def test_coba_config_round_trip_and_checks(tmp_path):
     for bad in (dict(window=0), dict(steps=-1), dict(mix=1.5), dict(uniformity=-1), dict(usage_decay=1.0)):
         with pytest.raises(ValueError, match="CoBa"):
             CoBaConfig(**bad)
+
+
+def test_thinking_targets_follow_the_codes_and_codebooks():
+    tok = ItemTokenizer.fit(tiny_data(), TokenizerConfig.fast(rqvae=TINY_RQVAE), progress=False)
+    code_clusters, centroids, latents = tok.thinking_targets(clusters=2, seed=3)
+    assert code_clusters.shape == (4, 2) and centroids.shape == (2, 2, 4) and latents.shape == (4, 4)
+    for level in range(2):
+        nearest = torch.cdist(tok.codebooks[level], centroids[level]).argmin(1)
+        assert torch.equal(code_clusters[:, level], nearest[tok.sids[:, level]])
+    torch.testing.assert_close(latents, tok.codebooks[0, tok.sids[:, 0]] + tok.codebooks[1, tok.sids[:, 1]])
+    tok.codebooks = None  # as in a tokenizer saved before the codebooks were kept
+    with pytest.raises(ValueError, match="without its RQ-VAE codebooks"):
+        tok.thinking_targets(clusters=2)

@@ -11,6 +11,15 @@ JourneySparseAttention). Encoder positions count back from each history's newest
 (0 = newest), so left-truncated histories keep the positions of their recent tokens; decoder
 positions count from the start token. The token embedding is shared with the output head
 (T5: hidden states scaled by d_model^-0.5 before the tied projection).
+
+Thinking (`GRACEConfig.think`, S²GR arXiv 2601.18664): the decoder takes one thinking step before
+each SID level, a token of its own (ids vocab_size .. vocab_size + levels - 1) that is fed, never
+predicted: training inserts it into the target, generation forces it (`beam_search`'s
+forced_tokens), so it adds a decoder position but no score and no branching. The thinking step's
+output (its hidden state, which also predicts the level's SID) is projected into the RQ-VAE latent
+space and aligned with the centroid of the k-means cluster of the true code (`ThinkingObjective`);
+a holistic-interest head reads the pooled encoder memory and is trained by in-batch InfoNCE against
+the target item's latent, and the first thought is tied to it by lambda * (1 - cos(t_1, sg(v_g))).
 """
 import dataclasses
 from dataclasses import dataclass
@@ -24,12 +33,42 @@ from ..config import JSAConfig
 from ..generate import Trie, beam_search
 from ..nn import JourneySparseAttention
 from ..reference.jsa import BRANCHES
-from .layers import Attention, FeedForward, PackedDenseSelfAttention, causal_mask, pad_packed
+from .layers import Attention, FeedForward, PackedDenseSelfAttention, causal_mask, pad_packed, sequence_loss
 
 ATTENTION_KINDS = ("jsa", "dense")
 # Sized for ~8 tokens per interaction: compress two interactions with a one-interaction stride,
 # select four-interaction blocks, and keep the last four interactions in the window.
 ENCODER_JSA = JSAConfig(block=16, stride=8, select_block=32, top_n=4, select_q_block=32, window=32)
+
+
+@dataclass(frozen=True)
+class ThinkConfig:
+    """S²GR's stepwise thinking. levels: SID levels, one thinking step before each (the layout's
+    last levels + 1 tokens are SID_1..SID_k and the collision token); dim: width of the alignment
+    targets (the RQ-VAE latent); clusters: K_c, k-means clusters of each level's codewords;
+    align_weight, interest_weight: weights of the alignment and holistic-interest InfoNCE losses;
+    interest_reg: lambda of lambda * (1 - cos(t_1, sg(v_g))); temperature: of both InfoNCE losses."""
+
+    levels: int
+    dim: int
+    clusters: int = 16
+    align_weight: float = 0.1
+    interest_weight: float = 0.1
+    interest_reg: float = 0.1
+    temperature: float = 0.1
+
+    def __post_init__(self):
+        for name in ("levels", "dim"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
+                    or getattr(self, name) < 1:
+                raise ValueError(f"think.{name} must be a positive int, got {getattr(self, name)!r}")
+        if isinstance(self.clusters, bool) or not isinstance(self.clusters, int) or self.clusters < 2:
+            raise ValueError(f"think.clusters (K_c) must be an int >= 2, got {self.clusters!r}")
+        for name in ("align_weight", "interest_weight", "interest_reg"):
+            if not (isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) < float("inf")):
+                raise ValueError(f"think.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
+            raise ValueError(f"think.temperature must be a finite number > 0, got {self.temperature!r}")
 
 
 @dataclass(frozen=True)
@@ -43,7 +82,7 @@ class GRACEConfig:
     bidirectional), backend and compression. disabled_branches: JSA branches ("cmp", "slc",
     "jrn", "win") whose gate is fixed to 0 (ablations). max_positions: longest encoder history in
     tokens; max_target_positions: longest decoder input. decoder_start_token_id: the token that
-    starts every decoder input (the vocabulary's BOS).
+    starts every decoder input (the vocabulary's BOS). think: S²GR's thinking steps (None: off).
     """
 
     vocab_size: int
@@ -64,6 +103,7 @@ class GRACEConfig:
     max_positions: int = 2048
     max_target_positions: int = 32
     decoder_start_token_id: int = 1
+    think: ThinkConfig | None = None
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -83,6 +123,8 @@ class GRACEConfig:
             raise ValueError(f"disabled_branches must be among {BRANCHES}, got {sorted(unknown)}")
         if self.disabled_branches and self.attention != "jsa":
             raise ValueError("disabled_branches applies to attention='jsa' only")
+        if self.think is not None and not isinstance(self.think, ThinkConfig):
+            raise TypeError(f"think must be a ThinkConfig or None, got {type(self.think).__name__}")
         if not 0 <= self.decoder_start_token_id < self.vocab_size:
             raise ValueError(f"decoder_start_token_id ({self.decoder_start_token_id}) is outside the "
                              f"vocabulary (size {self.vocab_size})")
@@ -92,7 +134,8 @@ class GRACEConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "GRACEConfig":
-        return cls(**{**values, "jsa": JSAConfig(**values["jsa"])})
+        think = values.get("think")
+        return cls(**{**values, "jsa": JSAConfig(**values["jsa"]), "think": think and ThinkConfig(**think)})
 
 
 class BranchMaskedGate(nn.Linear):
@@ -219,7 +262,8 @@ class GRACE(nn.Module):
     def __init__(self, config: GRACEConfig):
         super().__init__()
         self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        thinking = config.think.levels if config.think else 0
+        self.embedding = nn.Embedding(config.vocab_size + thinking, config.d_model)  # + the thinking tokens
         self.encoder_positions = nn.Embedding(config.max_positions, config.d_model)
         self.decoder_positions = nn.Embedding(config.max_target_positions, config.d_model)
         self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
@@ -227,10 +271,55 @@ class GRACE(nn.Module):
         self.encoder_norm = nn.RMSNorm(config.d_model, eps=1e-6)
         self.decoder_norm = nn.RMSNorm(config.d_model, eps=1e-6)
         self.dropout = nn.Dropout(config.dropout)
+        if config.think:
+            # Thoughts and the holistic interest live in the RQ-VAE latent space of the alignment targets.
+            self.think_heads = nn.ModuleList(nn.Linear(config.d_model, config.think.dim, bias=False)
+                                             for _ in range(config.think.levels))
+            self.interest_head = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU(),
+                                               nn.Linear(config.d_model, config.think.dim))
 
-    def forward(self, tokens, cu_seqlens, anchor_mask, decoder_input_ids):
-        """Teacher forcing: logits (B, L, vocab) for decoder inputs (B, L) given packed histories."""
-        return self.decode(decoder_input_ids, self.new_cache(self.encode(tokens, cu_seqlens, anchor_mask)))
+    def forward(self, tokens, cu_seqlens, anchor_mask, decoder_input_ids, think: bool = False):
+        """Teacher forcing: logits (B, L, vocab) for decoder inputs (B, L) given packed histories.
+
+        think=True (a model with `config.think`; decoder inputs from `insert_thinking`): returns
+        (logits, thoughts (B, levels, think.dim) — each thinking step's output projected by its
+        level's head —, holistic interest v_g (B, think.dim))."""
+        memory = self.encode(tokens, cu_seqlens, anchor_mask)
+        states = self.decoder_states(decoder_input_ids, self.new_cache(memory))
+        if not think:
+            return self.logits(states)
+        if not self.config.think:
+            raise ValueError("think=True needs a model built with GRACEConfig.think")
+        levels = self.config.think.levels
+        fed = decoder_input_ids >= self.config.vocab_size
+        if not bool((fed.sum(1) == levels).all()):
+            raise ValueError(f"think=True needs the {levels} thinking tokens in every decoder input (insert_thinking)")
+        thought_states = states[fed].view(-1, levels, states.shape[-1])
+        thoughts = torch.stack([head(thought_states[:, l]) for l, head in enumerate(self.think_heads)], dim=1)
+        pooled = (memory.states * memory.valid[..., None]).sum(1) / memory.valid.sum(1, keepdim=True)
+        return self.logits(states), thoughts, self.interest_head(pooled)
+
+    def insert_thinking(self, targets):
+        """(B, L) targets `[...] SID_1..SID_k collision` -> (B, L + k) with thinking token l before SID_l."""
+        levels = self.config.think.levels
+        if targets.shape[1] < levels + 1:
+            raise ValueError(f"targets of {targets.shape[1]} tokens cannot end with {levels} SIDs and a "
+                             "collision token")
+        lead = targets.shape[1] - levels - 1
+        think = torch.arange(levels, device=targets.device) + self.config.vocab_size
+        sids = torch.stack([think.expand(targets.shape[0], -1), targets[:, lead:lead + levels]], dim=2).flatten(1)
+        return torch.cat([targets[:, :lead], sids, targets[:, lead + levels:]], dim=1)
+
+    def forced_tokens(self, path_depth: int):
+        """beam_search's forced_tokens for item paths of `path_depth` tokens: thinking token l before
+        SID_l (None without thinking)."""
+        if not self.config.think:
+            return None
+        first_sid = path_depth - self.config.think.levels - 1
+        if first_sid < 0:
+            raise ValueError(f"item paths of depth {path_depth} cannot end with {self.config.think.levels} SIDs "
+                             "and a collision token")
+        return {first_sid + l: [self.config.vocab_size + l] for l in range(self.config.think.levels)}
 
     def encode(self, tokens, cu_seqlens, anchor_mask=None) -> Memory:
         """Packed histories: tokens (T_total,) int64, cu_seqlens (B+1,), anchor_mask (T_total,) bool."""
@@ -255,6 +344,14 @@ class GRACE(nn.Module):
 
     def decode(self, decoder_input_ids, cache: DecoderCache):
         """Feed the next L tokens of every row (B*beams, L), extending `cache`: logits (B*beams, L, vocab)."""
+        return self.logits(self.decoder_states(decoder_input_ids, cache))
+
+    def logits(self, states):
+        """Output logits of final decoder states (tied embedding, T5's d_model^-0.5 scale)."""
+        return F.linear(states * self.config.d_model ** -0.5, self.embedding.weight)
+
+    def decoder_states(self, decoder_input_ids, cache: DecoderCache):
+        """The decoder's final (normalised) states (B*beams, L, d_model) for the next L tokens of every row."""
         past, length = cache.length, decoder_input_ids.shape[1]
         if past + length > self.config.max_target_positions:
             raise ValueError(f"decoder input reaches position {past + length}, beyond max_target_positions "
@@ -264,7 +361,7 @@ class GRACE(nn.Module):
         self_mask = causal_mask(length, past + length, x.device) if length > 1 else None
         for index, layer in enumerate(self.decoder_layers):
             x = layer(x, cache, index, self_mask)
-        return F.linear(self.decoder_norm(x) * self.config.d_model ** -0.5, self.embedding.weight)
+        return self.decoder_norm(x)
 
     def decode_step(self, token_ids, cache: DecoderCache):
         """One token per row (B*beams,) -> next-token logits (B*beams, vocab)."""
@@ -304,7 +401,8 @@ def recommend(model: GRACE, trie: Trie, tokens, cu_seqlens, anchor_mask, beam_si
     see `beam_search`. Call with the model in eval mode.
     """
     step_fn = model.make_step_fn(model.encode(tokens, cu_seqlens, anchor_mask), beam_size, start_tokens)
-    return beam_search(step_fn, trie, len(cu_seqlens) - 1, beam_size, prefix_tokens=prefix_tokens)
+    return beam_search(step_fn, trie, len(cu_seqlens) - 1, beam_size, prefix_tokens=prefix_tokens,
+                       forced_tokens=model.forced_tokens(trie.depth))
 
 
 def shift_right(targets, start_token_id: int):
@@ -312,3 +410,49 @@ def shift_right(targets, start_token_id: int):
     start = targets.new_full((targets.shape[0], 1), start_token_id)
     return torch.cat([start, targets[:, :-1]], dim=1)
 
+
+
+class ThinkingObjective:
+    """S²GR's training loss of a thinking GRACE, a `Trainer` loss_fn(model, batch):
+    SID cross-entropy (the target's tokens; thinking tokens are fed, not predicted)
+    + align_weight * sum over levels of InfoNCE(thought_l, centroids of level l; the true code's cluster)
+    + interest_weight * in-batch InfoNCE(v_g, target item latents) + interest_reg * mean(1 - cos(t_1, sg(v_g))).
+
+    code_clusters (num_items, levels) int64: the k-means cluster of each item's code at each level;
+    centroids (levels, K_c, dim): those clusters' centroids; item_latents (num_items, dim): each
+    item's quantised RQ-VAE latent (the sum of its codewords). Build them with
+    `ItemTokenizer.thinking_targets`.
+    """
+
+    def __init__(self, code_clusters, centroids, item_latents):
+        if code_clusters.dim() != 2 or centroids.dim() != 3 or item_latents.dim() != 2 \
+                or code_clusters.shape != (item_latents.shape[0], centroids.shape[0]) \
+                or centroids.shape[2] != item_latents.shape[1]:
+            raise ValueError(f"thinking targets disagree: code_clusters {tuple(code_clusters.shape)}, centroids "
+                             f"{tuple(centroids.shape)}, item_latents {tuple(item_latents.shape)}")
+        self.code_clusters, self.centroids, self.item_latents = code_clusters, centroids, item_latents
+
+    def __call__(self, model, batch) -> torch.Tensor:
+        grace = getattr(model, "module", model)  # DDP wraps the model; call the wrapper, read the config
+        think = grace.config.think
+        if think is None or (think.levels, think.dim) != (self.centroids.shape[0], self.centroids.shape[2]):
+            raise ValueError(f"the model's think config ({think}) does not fit targets of "
+                             f"{self.centroids.shape[0]} levels and dim {self.centroids.shape[2]}")
+        targets = grace.insert_thinking(batch["targets"])
+        logits, thoughts, interest = model(batch["tokens"], batch["cu_seqlens"], batch["anchor_mask"],
+                                           shift_right(targets, grace.config.decoder_start_token_id), think=True)
+        device = logits.device
+        items = batch["items"].to(device)
+        sid_loss = sequence_loss(logits, targets.masked_fill(targets >= grace.config.vocab_size, -100))
+        thoughts, interest = F.normalize(thoughts, dim=-1), F.normalize(interest, dim=-1)
+        centroids = F.normalize(self.centroids.to(device, thoughts.dtype), dim=-1)
+        align = sum(F.cross_entropy(thoughts[:, l] @ centroids[l].T / think.temperature,
+                                    self.code_clusters.to(device)[items, l]) for l in range(think.levels))
+        latents = F.normalize(self.item_latents.to(device, thoughts.dtype)[items], dim=-1)
+        # In-batch negatives; another row with the same target item is no negative.
+        same_item = (items[:, None] == items[None, :]) & ~torch.eye(len(items), dtype=torch.bool, device=device)
+        similarity = (interest @ latents.T / think.temperature).masked_fill(same_item, float("-inf"))
+        holistic = F.cross_entropy(similarity, torch.arange(len(items), device=device))
+        regularizer = (1 - (thoughts[:, 0] * interest.detach()).sum(-1)).mean()
+        return (sid_loss + think.align_weight * align + think.interest_weight * holistic
+                + think.interest_reg * regularizer)

@@ -190,6 +190,18 @@ def train_rqvae(embeddings: torch.Tensor, config: RQVAEConfig = RQVAEConfig(), p
     return model, codes, stats
 
 
+@torch.no_grad()
+def codebook_clusters(codebooks: torch.Tensor, clusters: int, iters: int = 25, seed: int = 0):
+    """Each level's codewords grouped by k-means (S²GR's thinking targets): (centroids (levels,
+    clusters, d), cluster of each code (levels, codebook_size) int64). Seeded."""
+    levels, size, _ = codebooks.shape
+    if not 2 <= clusters <= size:
+        raise ValueError(f"clusters (K_c) must be in [2, codebook size {size}], got {clusters}")
+    generator = torch.Generator().manual_seed(seed)
+    centroids = torch.stack([kmeans(codebooks[level].float(), clusters, iters, generator) for level in range(levels)])
+    return centroids, torch.cdist(codebooks.float(), centroids).argmin(dim=2)
+
+
 def collision_index(codes: torch.Tensor) -> torch.Tensor:
     """(n,) int64: items sharing a code tuple are numbered 0, 1, ... in item order, so that
     (codes, collision index) is unique per item."""

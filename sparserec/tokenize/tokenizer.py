@@ -34,7 +34,7 @@ from ..data.interactions import InteractionData
 from .coba import CoBaConfig, cooccurrence_graph, propagate
 from .cot import CoTAttributes, fit_cot_attributes
 from .embeddings import item_embeddings
-from .rqvae import RQVAEConfig, collision_index, train_rqvae
+from .rqvae import RQVAEConfig, codebook_clusters, collision_index, train_rqvae
 from .vocab import COT_SLOTS, SPECIAL_TOKENS, Vocabulary
 
 CACHE_FORMAT = 2  # 2: fitted in one thread (format-1 caches depended on the thread count)
@@ -189,6 +189,17 @@ class ItemTokenizer:
         view.drop_constant = drop_constant
         view._build_paths()
         return view
+
+    def thinking_targets(self, clusters: int, seed: int = 0):
+        """S²GR's thinking targets (`sparserec.models.grace.ThinkingObjective`): (cluster of each
+        item's code per level (num_items, levels) int64, the clusters' centroids (levels, clusters,
+        latent_dim), each item's quantised latent = the sum of its codewords (num_items, latent_dim))."""
+        if self.codebooks is None:
+            raise ValueError("this tokenizer was saved without its RQ-VAE codebooks (before S²GR thinking "
+                             "existed): fit it again")
+        centroids, code_cluster = codebook_clusters(self.codebooks, clusters, seed=seed)
+        levels = torch.arange(self.levels)
+        return (code_cluster[levels, self.sids], centroids, self.codebooks[levels, self.sids].sum(1))
 
     # ---- layout --------------------------------------------------------------------------------
 
