@@ -122,6 +122,9 @@ def evaluate(model, prepared: Prepared, targets: Targets | None = None, beam_siz
     targets = prepared.split.test if targets is None else targets
     if model_kind(model) == "sasrec":
         return {"behavior_specific": evaluate_sasrec(model, prepared.data, targets, mask_history=mask_history)}
+    if exhaustive and model.config.think:
+        raise ValueError("exhaustive ranking scores paths without the thinking steps; a thinking model "
+                         "(GRACEConfig.think) is evaluated by beam search")
     trie = Trie(prepared.tokenizer.item_paths(), device=next(model.parameters()).device)
     return {task: evaluate_grace(model, prepared.tokenizer, prepared.data, targets, task, trie=trie,
                                  beam_size=beam_size, max_interactions=model.config.max_positions

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from sparserec import cli, runs
+from sparserec import cli, pipeline, runs
 
 TINY = ["--d-model", "16", "--heads", "2", "--layers", "1", "--steps", "2", "--eval-every", "0",
         "--valid-users", "4", "--test-users", "4", "--batch-size", "8"]
@@ -351,3 +351,6 @@ def test_think_trains_evaluates_and_records_its_config(tmp_path, capsys, cot):
     code, err = run_cli(capsys, "evaluate", out, "--exhaustive", "--max-users", "4")
     assert code == 2 and "--exhaustive scores paths without the thinking steps" in err
     assert run_cli(capsys, "evaluate", out, "--max-users", "4")[0] == 0
+    model, prepared, _ = pipeline.load_run(out)
+    with pytest.raises(ValueError, match="without the thinking steps"):
+        pipeline.evaluate(model, prepared, exhaustive=True)

@@ -411,7 +411,6 @@ def shift_right(targets, start_token_id: int):
     return torch.cat([start, targets[:, :-1]], dim=1)
 
 
-
 class ThinkingObjective:
     """S²GR's training loss of a thinking GRACE, a `Trainer` loss_fn(model, batch):
     SID cross-entropy (the target's tokens; thinking tokens are fed, not predicted)
