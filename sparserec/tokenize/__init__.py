@@ -11,7 +11,8 @@
     paths = tok.item_paths()                    # (num_items, path_depth) int64 -> generate.Trie(paths)
     tok.decode_paths(paths)                     # item ids (-1: no such item)
     tok.with_cot(False)                         # same tables, layout without the CoT tokens
-    tok.stats                                   # codebook utilisation per level, collision rate, ...
+    tok.stats                                   # per level: utilisation, unique-prefix share; collisions
+    tok.thinking_targets(clusters)              # S²GR: k-means of the codebooks, item latents
 
 Layout per interaction: `[behavior] [product type] [price band] [brand] [SID_1..SID_k] [collision]`
 (`cot=False`: `[behavior] [SID_1..SID_k] [collision]`). Item embeddings: `TokenizerConfig.embedding`
