@@ -103,7 +103,7 @@ def test_compress_op_passes_opcheck():
     cu_cmp = compressed_cu_seqlens(cu, 4, 2)
     weight.requires_grad_()
     torch.library.opcheck(torch.ops.sparserec.triton_jsa_compress.default,
-                          (x, weight, pe, cu, cu_cmp, int(cu_cmp[-1]), 4, 2))
+                          (x, weight, pe, cu, cu_cmp, 4, 2, int(cu_cmp[-1])))
 
 
 @pytest.mark.gpu

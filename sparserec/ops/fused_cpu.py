@@ -8,7 +8,7 @@ import torch
 
 from .._ext import has_extension
 from ..config import JSAConfig
-from ..reference.jsa import compressed_cu_seqlens
+from .compiled_compress import compress_with, register_compress_autograd
 
 
 def _config_args(config: JSAConfig):
@@ -18,9 +18,7 @@ def _config_args(config: JSAConfig):
 
 def compress(x, weight, pe, cu_seqlens, block: int, stride: int):
     """Kc_i = sum_r (x[i*stride + r] + pe_r) @ W_r -> (Tc_total, Hkv, D), cu_cmp (see ops.jsa_compress)."""
-    cu_cmp = compressed_cu_seqlens(cu_seqlens, block, stride)
-    num_blocks = int(cu_cmp[-1])  # CPU tensors: no device synchronisation
-    return torch.ops.sparserec.jsa_compress(x, weight, pe, cu_seqlens, cu_cmp, block, stride, num_blocks), cu_cmp
+    return compress_with(torch.ops.sparserec.jsa_compress, x, weight, pe, cu_seqlens, block, stride)
 
 
 def attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config: JSAConfig,
@@ -41,18 +39,7 @@ if has_extension():
     def _compress_backward_fake(grad, x, weight, pe, cu_seqlens, cu_cmp, block, stride):
         return tuple(t.new_empty(t.shape) for t in (x, weight, pe))  # the kernels return contiguous tensors
 
-    def _compress_setup(ctx, inputs, output):
-        x, weight, pe, cu_seqlens, cu_cmp, block, stride, _ = inputs
-        ctx.save_for_backward(x, weight, pe, cu_seqlens, cu_cmp)
-        ctx.block, ctx.stride = block, stride
-
-    def _compress_backward(ctx, grad):
-        x, weight, pe, cu_seqlens, cu_cmp = ctx.saved_tensors
-        grad_x, grad_weight, grad_pe = torch.ops.sparserec.jsa_compress_backward(
-            grad, x, weight, pe, cu_seqlens, cu_cmp, ctx.block, ctx.stride)
-        return grad_x, grad_weight, grad_pe, None, None, None, None, None
-
-    torch.library.register_autograd("sparserec::jsa_compress", _compress_backward, setup_context=_compress_setup)
+    register_compress_autograd("sparserec::jsa_compress", torch.ops.sparserec.jsa_compress_backward)
 
     @torch.library.register_fake("sparserec::jsa_attention")
     def _attention_fake(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, block, stride, select_block,

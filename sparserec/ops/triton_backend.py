@@ -2,7 +2,7 @@
 
 Ops (torch.library, each with a fake kernel; the forward ops carry their autograd):
 
-  sparserec::triton_jsa_compress(x, weight, pe, cu_seqlens, cu_cmp, num_blocks, block, stride)
+  sparserec::triton_jsa_compress(x, weight, pe, cu_seqlens, cu_cmp, block, stride, num_blocks)
       -> (Tc_total = num_blocks, Hkv, D)                        [jsa_compress.compress_fwd]
   sparserec::triton_jsa_compress_backward(grad, x, weight, pe, cu_seqlens, cu_cmp, block, stride)
       -> (dx, dweight, dpe)                                     [jsa_compress.compress_bwd]
@@ -31,7 +31,8 @@ Interface with triton_kernels/jsa_sparse.py (its module docstring is the authori
   dgates (T_total, H, 3).
 
 Compression's output size (the number of full blocks) depends on the lengths, so `compress`
-reads it from the device once; callers that know it call the op directly.
+reads it from the device once; callers that know it call the op directly. Its entry and autograd
+are shared with the C++ op (`compiled_compress`).
 """
 import torch
 from torch import Tensor
@@ -40,6 +41,7 @@ from torch.library import custom_op
 from ..config import JSAConfig
 from ..triton_kernels import jsa_cmp, jsa_sparse
 from ..triton_kernels import jsa_compress as compress_kernels
+from .compiled_compress import compress_with, register_compress_autograd
 
 
 def _config_args(config: JSAConfig):
@@ -59,12 +61,12 @@ def _config(block, stride, select_block, top_n, select_q_block, window, causal) 
 
 @custom_op("sparserec::triton_jsa_compress", mutates_args=())
 def triton_jsa_compress(x: Tensor, weight: Tensor, pe: Tensor, cu_seqlens: Tensor, cu_cmp: Tensor,
-                        num_blocks: int, block: int, stride: int) -> Tensor:
+                        block: int, stride: int, num_blocks: int) -> Tensor:
     return compress_kernels.compress_fwd(x, weight, pe, cu_seqlens, cu_cmp, num_blocks, block, stride)
 
 
 @triton_jsa_compress.register_fake
-def _(x, weight, pe, cu_seqlens, cu_cmp, num_blocks, block, stride):
+def _(x, weight, pe, cu_seqlens, cu_cmp, block, stride, num_blocks):
     return x.new_empty(num_blocks, x.shape[1], x.shape[2])
 
 
@@ -79,26 +81,12 @@ def _(grad, x, weight, pe, cu_seqlens, cu_cmp, block, stride):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(pe)
 
 
-def _compress_setup_context(ctx, inputs, output):
-    x, weight, pe, cu_seqlens, cu_cmp, _, block, stride = inputs
-    ctx.save_for_backward(x, weight, pe, cu_seqlens, cu_cmp)
-    ctx.block, ctx.stride = block, stride
-
-
-def _compress_backward(ctx, grad):
-    x, weight, pe, cu_seqlens, cu_cmp = ctx.saved_tensors
-    dx, dweight, dpe = triton_jsa_compress_backward(grad, x, weight, pe, cu_seqlens, cu_cmp, ctx.block, ctx.stride)
-    return dx, dweight, dpe, None, None, None, None, None
-
-
-triton_jsa_compress.register_autograd(_compress_backward, setup_context=_compress_setup_context)
+register_compress_autograd(triton_jsa_compress, triton_jsa_compress_backward)
 
 
 def compress(x, weight, pe, cu_seqlens, block: int, stride: int):
     """Backend entry of `sparserec.ops.jsa_compress`: (Tc_total, Hkv, D), cu_cmp."""
-    cu_cmp = compress_kernels.compressed_cu_seqlens(cu_seqlens, block, stride)
-    num_blocks = int(cu_cmp[-1])  # the output's size: compression's one read from the device
-    return triton_jsa_compress(x, weight, pe, cu_seqlens, cu_cmp, num_blocks, block, stride), cu_cmp
+    return compress_with(triton_jsa_compress, x, weight, pe, cu_seqlens, block, stride)
 
 
 # ---------------------------------------------------------------------------------------------

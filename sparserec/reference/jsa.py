@@ -21,11 +21,10 @@ def num_compressed_blocks(length: int, block: int, stride: int) -> int:
 
 
 def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block: int, stride: int) -> torch.Tensor:
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    counts = [num_compressed_blocks(n, block, stride) for n in lengths]
-    cu = torch.zeros(len(counts) + 1, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
-    cu[1:] = torch.tensor(counts, dtype=cu_seqlens.dtype).cumsum(0)
-    return cu
+    """Offsets of each sequence's compressed blocks (num_compressed_blocks per length), on the device."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    counts = torch.where(lengths >= block, torch.div(lengths - block, stride, rounding_mode="floor") + 1, 0)
+    return torch.cat([cu_seqlens.new_zeros(1), counts.cumsum(0).to(cu_seqlens.dtype)])
 
 
 def compress_block_index(cu_seqlens: torch.Tensor, block: int, stride: int):
