@@ -124,15 +124,21 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda *a: fused_cpu.attention(*a, config=config), args, eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("lengths", [[5, 12], [1, 0, 40], [3]])
-def test_compress_equals_reference_forward_and_backward(poison_outputs, lengths):
+# Many short sequences span several of the kernel's chunks (<= 256 blocks); 1,025 tokens is one chunk
+# of 511 blocks; block 5 / stride 3 leaves a partial stride at each block's end.
+@pytest.mark.parametrize("lengths", [[5, 12], [1, 0, 40], [3], [1025], [(7 * i) % 23 for i in range(70)]])
+@pytest.mark.parametrize("block, stride", [(4, 2), (5, 3)])
+def test_compress_equals_reference_forward_and_backward(poison_outputs, lengths, block, stride):
     config = JSAConfig(**SMALL)
     inputs = make_inputs(lengths, config, heads=4, kv_heads=2, dim=8, seed=2)
-    leaves = [t.detach().clone().requires_grad_() for t in (inputs.k, inputs.weight_k, inputs.pe_k)]
-    expected, cu_expected = reference.jsa_compress(*leaves, inputs.cu_seqlens, 4, 2)
+    x = inputs.k.detach().clone().requires_grad_()
+    weight = (torch.randn(2, block, 8, 8, dtype=x.dtype) / (block * 8) ** 0.5).requires_grad_()
+    pe = (0.1 * torch.randn(2, block, 8, dtype=x.dtype)).requires_grad_()
+    leaves = [x, weight, pe]
+    expected, cu_expected = reference.jsa_compress(*leaves, inputs.cu_seqlens, block, stride)
     grad = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, leaves, grad)
-    out, cu_cmp = fused_cpu.compress(*leaves, inputs.cu_seqlens, 4, 2)
+    out, cu_cmp = fused_cpu.compress(*leaves, inputs.cu_seqlens, block, stride)
     grads = torch.autograd.grad(out, leaves, grad)
     assert torch.equal(cu_cmp, cu_expected)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
