@@ -9,6 +9,7 @@ recommend  top-K items for one user of a saved run's dataset
 bench      JSA vs dense encoder savings (FLOPs, latency) at the dataset's and long lengths
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -18,17 +19,19 @@ import time
 import torch
 
 from . import runs, savings
-from .data import DATASET_NAMES, dataset_statistics, format_statistics
+from .data import DATASET_NAMES, dataset_statistics, default_split, format_statistics, load_dataset
 from .evaluate import task_targets, tasks_for
 from .generate import Trie
 from .ops.trie import MAX_PADDED_BEAMS
 from .models import recommend as recommend_items
 from .models.grace import ThinkConfig
+from .models.gr import FUSIONS, GRConfig, GenerativeRanker
 from .pipeline import (GRACE_PRESETS, MODELS, TRAIN_DEFAULTS, baselines, build_model, evaluate, fit, load_run, prepare,
                        save_run, subsample)
 from .reference.jsa import BRANCHES
 from .tokenize import EMBEDDING_KINDS, TOKENIZER_METHODS, CoBaConfig, TokenizerConfig
 from .train import TrainConfig, init_distributed, seed_everything, shutdown_distributed
+from .train.gr import format_ranker_metrics, train_ranker
 
 
 # CoBa's options (--coba-window ...), as argparse names; each maps to the CoBaConfig field after "coba_".
@@ -36,6 +39,10 @@ COBA_OPTIONS = ("coba_window", "coba_steps", "coba_mix", "coba_uniformity", "cob
 # S²GR thinking's options (--think-clusters ...); each maps to the ThinkConfig field after "think_".
 THINK_OPTIONS = ("think_clusters", "think_align_weight", "think_interest_weight", "think_interest_reg",
                  "think_temperature")
+
+# The generative ranker of issue 11 (docs/action_fusion.md): its training defaults, where an option is not given.
+GR_TRAIN_DEFAULTS = dict(d_model=64, heads=2, layers=2, steps=300, batch_size=64, lr=1e-3, warmup=30, dropout=0.1,
+                         schedule="cosine")
 
 # The largest K of the reported metrics (HR@10, NDCG@10): a beam must hold at least this many items.
 LARGEST_K = 10
@@ -125,6 +132,13 @@ def _check_arguments(parser, args) -> None:
     if getattr(args, "beam", None) is not None and args.command in ("train", "evaluate") and args.beam < LARGEST_K:
         fail(f"--beam ({args.beam}) must be at least {LARGEST_K}: the metrics rank the top {LARGEST_K} "
                      "items of the beam")
+    if args.command == "train" and (args.model == "gr") != (args.action_fusion is not None):
+        fail("--model gr needs --action-fusion" if args.model == "gr" else "--action-fusion applies to --model gr only")
+    if args.command == "train" and args.model == "gr":
+        for flag, given in (("--disable-branch", args.disable_branch), ("--patience", args.patience),
+                            ("--mask-history", args.mask_history)):
+            if given:
+                fail(f"{flag} does not apply to --model gr (it trains a fixed number of steps and ranks without masking)")
     if args.command == "train":
         fixed_head_dim = args.model == "grace" and GRACE_PRESETS[args.preset]["model"].get("head_dim")
         if args.d_model % args.heads and not fixed_head_dim:
@@ -168,8 +182,12 @@ def _dataset_arguments(parser):
 
 
 def _train_arguments(parser):
-    parser.add_argument("--model", choices=MODELS, default="grace", help="the recommender to train")
-    parser.add_argument("--attention", choices=("jsa", "dense"), default="jsa", help="GRACE encoder attention")
+    parser.add_argument("--model", choices=MODELS + ("gr",), default="grace",
+                        help="the recommender to train (gr: the causal generative ranker of docs/action_fusion.md)")
+    parser.add_argument("--attention", choices=("jsa", "dense"), default="jsa",
+                        help="GRACE encoder attention; the gr ranker's causal attention")
+    parser.add_argument("--action-fusion", choices=FUSIONS, default=None,
+                        help="--model gr: interleaved item/action tokens, AttnLFA or AttnMVP (required with gr)")
     parser.add_argument("--disable-branch", action="append", choices=BRANCHES, default=[],
                         help="JSA branch whose gate is fixed to 0 (ablation; repeatable)")
     # Options whose default depends on --model (pipeline.TRAIN_DEFAULTS) are filled in by _model_defaults.
@@ -246,7 +264,7 @@ def _model_defaults(args) -> None:
     """Fills the per-model options the command line left out (pipeline.TRAIN_DEFAULTS, GRACE presets)."""
     if args.command != "train":
         return
-    defaults = dict(TRAIN_DEFAULTS[args.model])
+    defaults = dict(GR_TRAIN_DEFAULTS if args.model == "gr" else TRAIN_DEFAULTS[args.model])
     if args.model == "grace":
         defaults.update(GRACE_PRESETS[args.preset]["train"])
     for name, value in defaults.items():
@@ -346,8 +364,37 @@ def format_codebook_stats(stats: dict, levels: int) -> str:
     return "\n".join(lines)
 
 
+def _train_ranker(args):
+    """--model gr: train the generative ranker for --steps, evaluate, save metrics.json in --out."""
+    saved_run = runs.prepare_out_dir(args.out, args.resume, args.overwrite)
+    if saved_run is not None:
+        runs.check_resumable(args.out, saved_run, runs.json_options(args))
+    data = load_dataset(args.dataset, args.root, max_lines=args.max_lines)
+    split = default_split(data)
+    if len(split.test) == 0:
+        raise ValueError(f"{data.name}: no user has the 3 interactions leave-one-out evaluation needs; use more data")
+    seed_everything(args.seed)
+    config = GRConfig(num_items=data.num_items, num_actions=len(data.behaviors), fusion=args.action_fusion,
+                      attention=args.attention, d_model=args.d_model, num_heads=args.heads, layers=args.layers,
+                      d_ff=4 * args.d_model, dropout=args.dropout, max_length=args.max_history or 50)
+    model = GenerativeRanker(config)
+    run = {"dataset": args.dataset, "root": args.root, "max_lines": args.max_lines, "model": "gr",
+           "options": runs.json_options(args), "model_config": dataclasses.asdict(config)}
+    runs.write_run(args.out, {**run, "complete": False})
+    train_config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+                               seed=args.seed, checkpoint_every=args.checkpoint_every, schedule=args.schedule,
+                               time_limit_s=60 * (args.time_limit or 0))
+    metrics = train_ranker(model, data, split, train_config, args.out, resume=args.resume,
+                           test_users=args.test_users, seed=args.seed)
+    runs.write_run(args.out, {**run, "complete": True})
+    print(f"{data.name}, --action-fusion {args.action_fusion}, --attention {args.attention}; run saved to {args.out}")
+    print(format_ranker_metrics(metrics, data.behaviors))
+
+
 def cmd_train(args):
     _absolute_dataset(args)
+    if args.model == "gr":
+        return _train_ranker(args)
     saved_run = None
     if _is_main_process():
         saved_run = runs.prepare_out_dir(args.out, args.resume, args.overwrite)

@@ -152,3 +152,18 @@ def train_ranker(model: GenerativeRanker, data: InteractionData, split: DataSpli
     with open(os.path.join(out_dir, "metrics.json"), "w") as file:
         json.dump(metrics, file, indent=2, default=float)
     return metrics
+
+
+def format_ranker_metrics(metrics: dict, behaviors) -> str:
+    """A markdown summary of `train_ranker`'s metrics: per-behavior action metrics, next item, cost."""
+    action, ranking = metrics["test"]["action"], metrics["test"]["next_item"]
+    lines = [f"action prediction at the validation row ({action['count']} users; mean NE {action['mean_ne']:.4f})",
+             "| behavior | base rate | log loss | NE | AUC |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {action[name]['base_rate']:.4f} | {action[name]['log_loss']:.4f} | "
+              f"{action[name]['ne']:.4f} | {action[name]['auc']:.4f} |" for name in behaviors]
+    lines.append(f"next item at the test row ({ranking['count']} users, full ranking): HR@10 {ranking['hr@10']:.4f} "
+                 f"± {ranking['hr@10_se']:.4f}, NDCG@10 {ranking['ndcg@10']:.4f} ± {ranking['ndcg@10_se']:.4f}")
+    lines.append(f"training: {metrics['steps']} steps, {metrics['seconds_per_step']:.3f} s/step, "
+                 f"{metrics['steps_per_epoch']} steps/epoch = {metrics['seconds_per_epoch']:.1f} s/epoch, "
+                 f"{metrics['tokens_per_step']:.0f} sequence tokens/step, {metrics['threads']} threads")
+    return "\n".join(lines)
