@@ -22,7 +22,8 @@ TORCH_LIBRARY(sparserec, m) {
   m.def(
       "jsa_compress_backward(Tensor grad, Tensor x, Tensor weight, Tensor pe, Tensor cu_seqlens, Tensor cu_cmp, "
       "int block, int stride) -> (Tensor, Tensor, Tensor)");
-  // Fused JSA (SPEC §1): cmp, top-N selection, slc, jrn, win and the gated sum. Returns out (T_total, H, D),
+  // Fused JSA (SPEC §1): cmp, top-N selection, slc, jrn, win and the gated sum. v and v_cmp may be wider
+  // than q and k (Dv != D: a second value stream rides the same softmax). Returns out (T_total, H, Dv),
   // lse (T_total, H, 4) per branch log-sum-exp (+inf: no visible key) and selection (T_total, Hkv, top_n)
   // int64, each token's selected blocks (ascending, -1 padded); the backward takes both back.
   m.def(

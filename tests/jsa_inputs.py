@@ -40,7 +40,9 @@ def cu_from_lengths(lengths, device="cpu"):
 
 
 def make_inputs(lengths, config: JSAConfig, heads=4, kv_heads=2, dim=16, anchor_rate=0.2,
-                dtype=torch.float64, seed=0, device="cpu") -> JSAInputs:
+                dtype=torch.float64, seed=0, device="cpu", value_dim=None) -> JSAInputs:
+    """value_dim: the width Dv of v and v_cmp (default: dim)."""
+    value_dim = value_dim or dim
     gen = torch.Generator().manual_seed(seed)
     cu = cu_from_lengths(lengths, device)
     total = sum(lengths)
@@ -48,10 +50,11 @@ def make_inputs(lengths, config: JSAConfig, heads=4, kv_heads=2, dim=16, anchor_
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
 
-    q, k, v = randn(total, heads, dim), randn(total, kv_heads, dim), randn(total, kv_heads, dim)
+    q, k, v = randn(total, heads, dim), randn(total, kv_heads, dim), randn(total, kv_heads, value_dim)
     block = config.block
-    weight_k, weight_v = (randn(kv_heads, block, dim, dim, scale=(block * dim) ** -0.5) for _ in range(2))
-    pe_k, pe_v = randn(kv_heads, block, dim, scale=0.1), randn(kv_heads, block, dim, scale=0.1)
+    weight_k, weight_v = (randn(kv_heads, block, width, width, scale=(block * width) ** -0.5)
+                          for width in (dim, value_dim))
+    pe_k, pe_v = randn(kv_heads, block, dim, scale=0.1), randn(kv_heads, block, value_dim, scale=0.1)
     k_cmp, cu_cmp = jsa_compress(k, weight_k, pe_k, cu, block, config.stride)
     v_cmp, _ = jsa_compress(v, weight_v, pe_v, cu, block, config.stride)
     gates = torch.rand(total, heads, 4, generator=gen, dtype=torch.float64).to(dtype).to(device)

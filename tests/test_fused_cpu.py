@@ -65,6 +65,21 @@ def test_fp64_equals_reference_forward_and_backward(poison_outputs, lengths, hea
     assert torch.equal(selection, ref_selection)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths,heads,kv_heads,dim,value_dim", [([5, 12, 1], 4, 2, 8, 11), ([97, 40], 2, 1, 16, 5)])
+def test_fp64_value_width_other_than_key_width(poison_outputs, lengths, heads, kv_heads, dim, value_dim, causal):
+    config = JSAConfig(**SMALL, causal=causal)
+    inputs = make_inputs(lengths, config, heads=heads, kv_heads=kv_heads, dim=dim, value_dim=value_dim, seed=4)
+    grad_out = torch.randn(inputs.q.shape[:2] + (value_dim,), generator=torch.Generator().manual_seed(2),
+                           dtype=inputs.q.dtype)
+    ref_out, ref_grads = _grads(reference.jsa_attention, inputs, config, grad_out)
+    out, grads = _grads(fused_cpu.attention, inputs, config, grad_out)
+    assert out.shape == (sum(lengths), heads, value_dim)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    for name in GRAD_INPUTS:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=1e-11, msg=name)
+
+
 def _reference_with_selection(selection, cu_seqlens):
     """The reference attention with a given selection (its select_fn is called once per non-empty sequence)."""
     def attention(*args, config):

@@ -147,6 +147,18 @@ def test_jagged_batch_equals_loop_over_sequences(causal):
         torch.testing.assert_close(batched[start:end], single, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_wider_values_are_independent_value_streams(causal):
+    """v = [v1 | v2] (and v_cmp likewise) pools both streams with the same probabilities."""
+    config = JSAConfig(block=4, stride=2, select_block=4, top_n=2, select_q_block=4, window=3, causal=causal)
+    inputs = make_inputs([13, 1, 30], config, heads=4, kv_heads=2, dim=8, value_dim=11)
+    args = list(inputs.attention_args())
+    both = jsa_attention(*args, config)
+    for columns in (slice(0, 8), slice(8, 11)):
+        args[2], args[4] = inputs.v[..., columns], inputs.v_cmp[..., columns]
+        torch.testing.assert_close(both[..., columns], jsa_attention(*args, config), rtol=0, atol=1e-13)
+
+
 def test_empty_anchor_set_gives_zero_jrn_branch():
     config = JSAConfig(block=4, stride=2, select_block=4, top_n=1, select_q_block=4, window=3, causal=True)
     inputs = make_inputs([9, 17], config, anchor_rate=0.0)

@@ -142,6 +142,12 @@ def test_dispatch_under_the_interpreter():
         jsa_attention(*inputs.attention_args(), config=CONFIG, backend="triton")
 
 
+def test_value_width_other_than_key_width_is_refused():
+    inputs = make_inputs([5], CONFIG, heads=2, kv_heads=1, dim=16, value_dim=8, device=DEVICE).to(torch.float32)
+    with pytest.raises(ValueError, match="v's head dim equal to q's"):
+        jsa_attention(*inputs.attention_args(), config=CONFIG, backend="triton")
+
+
 # --------------------------------------------------------------------------------------------
 # GPU: real sizes in fp16/bf16, torch.compile, CUDA graphs
 # --------------------------------------------------------------------------------------------

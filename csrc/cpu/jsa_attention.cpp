@@ -59,9 +59,9 @@ struct BatchPlan {
 template <typename T>
 struct Problem {
   const T *q, *k, *v, *k_cmp, *v_cmp, *gates;
-  const T *anchor_k, *anchor_v;  // (Hkv, total anchors, D): each sequence's anchor rows, contiguous
+  const T *anchor_k, *anchor_v;  // (Hkv, total anchors, D|Dv): each sequence's anchor rows, contiguous
   int64_t total_anchors;
-  int64_t heads, kv_heads, group, dim;
+  int64_t heads, kv_heads, group, dim, value_dim;  // value_dim (Dv): of v, v_cmp and the output
   T scale;
   AttnConfig cfg;
 
@@ -409,12 +409,12 @@ int64_t plan_keys(const Problem<T>& P, const BatchPlan& plan, const SeqPlan& seq
   return n;
 }
 
-// out[:, keys] = alpha * a (R x D) @ K_keysᵀ: one GEMM per range (K read in place) and one for the
-// anchors; padding columns are 0.
+// out[:, keys] = alpha * a (R x D) @ K_keysᵀ, K of width D (keys, or values in the backward): one GEMM
+// per range (K read in place) and one for the anchors; padding columns are 0.
 template <typename T>
 void times_keys_t(const Problem<T>& P, const SeqPlan& seq, const Item& it, const Workspace<T>& w, const T* keys,
-                  const T* anchor_keys, int64_t rows, T alpha, const T* a, T* out, int64_t ld) {
-  const int64_t D = P.dim, kv_row = P.kv_heads * D;
+                  const T* anchor_keys, int64_t D, int64_t rows, T alpha, const T* a, T* out, int64_t ld) {
+  const int64_t kv_row = P.kv_heads * D;
   int64_t col = 0;
   for (const auto& [begin, end] : w.ranges) {
     cpu::gemm<T>(false, true, rows, end - begin, D, alpha, a, D, keys + (seq.start + begin) * kv_row + it.kv_head * D,
@@ -429,11 +429,11 @@ void times_keys_t(const Problem<T>& P, const SeqPlan& seq, const Item& it, const
   }
 }
 
-// out (R x D) += alpha * p[:, keys] @ V_keys, V read as in times_keys_t.
+// out (R x D) += alpha * p[:, keys] @ V_keys, V of width D read as in times_keys_t.
 template <typename T>
 void accumulate_keys(const Problem<T>& P, const SeqPlan& seq, const Item& it, const Workspace<T>& w, const T* values,
-                     const T* anchor_values, int64_t rows, T alpha, const T* p, int64_t ld, T* out) {
-  const int64_t D = P.dim, kv_row = P.kv_heads * D;
+                     const T* anchor_values, int64_t D, int64_t rows, T alpha, const T* p, int64_t ld, T* out) {
+  const int64_t kv_row = P.kv_heads * D;
   int64_t col = 0;
   for (const auto& [begin, end] : w.ranges) {
     cpu::gemm<T>(false, false, rows, D, end - begin, alpha, p + col, ld,
@@ -444,9 +444,11 @@ void accumulate_keys(const Problem<T>& P, const SeqPlan& seq, const Item& it, co
   cpu::gemm<T>(false, false, rows, D, w.num_anchors, alpha, p + w.range_cols, ld, anchor_rows, D, T(1), out, D);
 }
 
+// The item's stacked query rows of src (T_total, H, D).
 template <typename T>
-void gather_rows(const Problem<T>& P, const SeqPlan& seq, const Item& it, const T* src, cpu::Buffer<T>& dst) {
-  const int64_t rows = P.group * (it.q_end - it.q_begin), D = P.dim;
+void gather_rows(const Problem<T>& P, const SeqPlan& seq, const Item& it, const T* src, int64_t D,
+                 cpu::Buffer<T>& dst) {
+  const int64_t rows = P.group * (it.q_end - it.q_begin);
   dst.resize(rows * D);
   for (int64_t r = 0; r < rows; ++r) std::copy_n(src + P.query_row(seq, it, r) * D, D, dst.data() + r * D);
 }
@@ -456,16 +458,16 @@ void forward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, Wo
                   int64_t* selection) {
   const SeqPlan& seq = plan.seqs[it.seq];
   const AttnConfig& cfg = P.cfg;
-  const int64_t nq = it.q_end - it.q_begin, R = P.group * nq, D = P.dim;
-  const int64_t kv_row = P.kv_heads * D;
-  gather_rows(P, seq, it, P.q, w.q);
-  w.o.resize(R * D);
+  const int64_t nq = it.q_end - it.q_begin, R = P.group * nq, D = P.dim, Dv = P.value_dim;
+  const int64_t kv_row = P.kv_heads * D, v_row = P.kv_heads * Dv;
+  gather_rows(P, seq, it, P.q, D, w.q);
+  w.o.resize(R * Dv);
 
   // cmp: softmax over the visible compressed blocks; importance = column sums of P.
   const int64_t ncmp = P.visible_cmp(seq, it.q_end - 1), ld_cmp = cpu::vec::padded(ncmp);
   w.importance.assign(ncmp, 0.0);
   const T* kc = P.k_cmp + seq.cmp_start * kv_row + it.kv_head * D;
-  const T* vc = P.v_cmp + seq.cmp_start * kv_row + it.kv_head * D;
+  const T* vc = P.v_cmp + seq.cmp_start * v_row + it.kv_head * Dv;
   w.s_cmp.resize(R * ld_cmp);
   cpu::gemm<T>(false, true, R, ncmp, D, P.scale, w.q.data(), D, kc, kv_row, T(0), w.s_cmp.data(), ld_cmp);
   for (int64_t r = 0; r < R; ++r) {
@@ -479,7 +481,7 @@ void forward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, Wo
       s[i] *= gate;
     }
   }
-  cpu::gemm<T>(false, false, R, D, ncmp, T(1), w.s_cmp.data(), ld_cmp, vc, kv_row, T(0), w.o.data(), D);
+  cpu::gemm<T>(false, false, R, Dv, ncmp, T(1), w.s_cmp.data(), ld_cmp, vc, v_row, T(0), w.o.data(), Dv);
 
   // slc: the tile's top-N blocks, stored for every token of the tile (the backward reads them back).
   choose_blocks(w.importance, ncmp, seq, cfg, it.q_end - 1, w.block_score, w.order);
@@ -494,15 +496,15 @@ void forward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, Wo
   const int64_t n = plan_keys(P, plan, seq, it, w.order.data(), num_chosen, w), ld = cpu::vec::padded(n);
   w.s_keys.resize(R * ld);
   w.rows.resize(4 * ld);
-  times_keys_t(P, seq, it, w, P.k, P.anchor_k, R, P.scale, w.q.data(), w.s_keys.data(), ld);
+  times_keys_t(P, seq, it, w, P.k, P.anchor_k, D, R, P.scale, w.q.data(), w.s_keys.data(), ld);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head_row = P.query_row(seq, it, r);
     const RowRule rule{static_cast<int32_t>(it.q_begin + r % nq), static_cast<int32_t>(cfg.window), cfg.causal};
     keys_row_forward(w.s_keys.data() + r * ld, w.keys.data(), w.flags.data(), w.range_cols, ld, rule,
                      P.gates + head_row * 4, lse + head_row * 4, w.rows.data());
   }
-  accumulate_keys(P, seq, it, w, P.v, P.anchor_v, R, T(1), w.s_keys.data(), ld, w.o.data());
-  for (int64_t r = 0; r < R; ++r) std::copy_n(w.o.data() + r * D, D, out + P.query_row(seq, it, r) * D);
+  accumulate_keys(P, seq, it, w, P.v, P.anchor_v, Dv, R, T(1), w.s_keys.data(), ld, w.o.data());
+  for (int64_t r = 0; r < R; ++r) std::copy_n(w.o.data() + r * Dv, Dv, out + P.query_row(seq, it, r) * Dv);
 }
 
 // One item's share of dK/dV: rows for its gathered keys and its visible compressed blocks.
@@ -517,21 +519,21 @@ void backward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, W
                    const T* lse, const int64_t* selection, T* grad_q, T* grad_gates, KeyGrads<T>& part) {
   const SeqPlan& seq = plan.seqs[it.seq];
   const AttnConfig& cfg = P.cfg;
-  const int64_t nq = it.q_end - it.q_begin, R = P.group * nq, D = P.dim;
-  const int64_t kv_row = P.kv_heads * D;
-  gather_rows(P, seq, it, P.q, w.q);
-  gather_rows(P, seq, it, grad_out, w.d_out);
+  const int64_t nq = it.q_end - it.q_begin, R = P.group * nq, D = P.dim, Dv = P.value_dim;
+  const int64_t kv_row = P.kv_heads * D, v_row = P.kv_heads * Dv;
+  gather_rows(P, seq, it, P.q, D, w.q);
+  gather_rows(P, seq, it, grad_out, Dv, w.d_out);
   w.o.resize(R * D);  // dQ of the stacked rows
   cpu::Buffer<T> dg(R * 4, T(0));
 
   const int64_t ncmp = P.visible_cmp(seq, it.q_end - 1), ld_cmp = cpu::vec::padded(ncmp);
   const T* kc = P.k_cmp + seq.cmp_start * kv_row + it.kv_head * D;
-  const T* vc = P.v_cmp + seq.cmp_start * kv_row + it.kv_head * D;
+  const T* vc = P.v_cmp + seq.cmp_start * v_row + it.kv_head * Dv;
   w.s_cmp.resize(R * ld_cmp);
   w.p_cmp.resize(R * ld_cmp);
   w.dp.resize(R * ld_cmp);
   cpu::gemm<T>(false, true, R, ncmp, D, P.scale, w.q.data(), D, kc, kv_row, T(0), w.s_cmp.data(), ld_cmp);
-  cpu::gemm<T>(false, true, R, ncmp, D, T(1), w.d_out.data(), D, vc, kv_row, T(0), w.dp.data(), ld_cmp);
+  cpu::gemm<T>(false, true, R, ncmp, Dv, T(1), w.d_out.data(), Dv, vc, v_row, T(0), w.dp.data(), ld_cmp);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head_row = P.query_row(seq, it, r);
     const int64_t nvis = P.visible_cmp(seq, it.q_begin + r % nq);
@@ -539,11 +541,11 @@ void backward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, W
                                  lse[head_row * 4], P.gates[head_row * 4], w.p_cmp.data() + r * ld_cmp);
   }
   part.dk_cmp.resize(ncmp * D);
-  part.dv_cmp.resize(ncmp * D);
+  part.dv_cmp.resize(ncmp * Dv);
   cpu::gemm<T>(false, false, R, D, ncmp, P.scale, w.s_cmp.data(), ld_cmp, kc, kv_row, T(0), w.o.data(), D);
   cpu::gemm<T>(true, false, ncmp, D, R, P.scale, w.s_cmp.data(), ld_cmp, w.q.data(), D, T(0), part.dk_cmp.data(), D);
-  cpu::gemm<T>(true, false, ncmp, D, R, T(1), w.p_cmp.data(), ld_cmp, w.d_out.data(), D, T(0), part.dv_cmp.data(),
-               D);
+  cpu::gemm<T>(true, false, ncmp, Dv, R, T(1), w.p_cmp.data(), ld_cmp, w.d_out.data(), Dv, T(0),
+               part.dv_cmp.data(), Dv);
 
   const int64_t* chosen = selection + ((seq.start + it.q_begin) * P.kv_heads + it.kv_head) * cfg.top_n;
   const int64_t num_sel = (seq.length + cfg.select_block - 1) / cfg.select_block;
@@ -559,8 +561,8 @@ void backward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, W
   w.p_keys.resize(R * ld);
   w.dp.resize(R * ld);
   w.rows.resize(3 * ld);
-  times_keys_t(P, seq, it, w, P.k, P.anchor_k, R, P.scale, w.q.data(), w.s_keys.data(), ld);
-  times_keys_t(P, seq, it, w, P.v, P.anchor_v, R, T(1), w.d_out.data(), w.dp.data(), ld);
+  times_keys_t(P, seq, it, w, P.k, P.anchor_k, D, R, P.scale, w.q.data(), w.s_keys.data(), ld);
+  times_keys_t(P, seq, it, w, P.v, P.anchor_v, Dv, R, T(1), w.d_out.data(), w.dp.data(), ld);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head_row = P.query_row(seq, it, r);
     const RowRule rule{static_cast<int32_t>(it.q_begin + r % nq), static_cast<int32_t>(cfg.window), cfg.causal};
@@ -570,10 +572,10 @@ void backward_item(const Problem<T>& P, const BatchPlan& plan, const Item& it, W
   }
   part.keys.assign(w.keys.begin(), w.keys.begin() + n);
   part.dk.resize(n * D);
-  part.dv.resize(n * D);
-  accumulate_keys(P, seq, it, w, P.k, P.anchor_k, R, P.scale, w.s_keys.data(), ld, w.o.data());
+  part.dv.resize(n * Dv);
+  accumulate_keys(P, seq, it, w, P.k, P.anchor_k, D, R, P.scale, w.s_keys.data(), ld, w.o.data());
   cpu::gemm<T>(true, false, n, D, R, P.scale, w.s_keys.data(), ld, w.q.data(), D, T(0), part.dk.data(), D);
-  cpu::gemm<T>(true, false, n, D, R, T(1), w.p_keys.data(), ld, w.d_out.data(), D, T(0), part.dv.data(), D);
+  cpu::gemm<T>(true, false, n, Dv, R, T(1), w.p_keys.data(), ld, w.d_out.data(), Dv, T(0), part.dv.data(), Dv);
 
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head_row = P.query_row(seq, it, r);
@@ -608,10 +610,13 @@ BatchPlan make_plan(const char* op, const at::Tensor& q, const at::Tensor& k, co
   const int64_t total = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k.size(1);
   TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, op, ": query heads (", heads, ") must be a multiple of kv heads (",
               kv_heads, ")");
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == total && k.size(2) == dim, op,
-              ": k and v must be (T_total, Hkv, D) matching q, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k_cmp.sizes() == v_cmp.sizes() && k_cmp.size(1) == kv_heads && k_cmp.size(2) == dim, op,
-              ": k_cmp and v_cmp must be (Tc_total, Hkv, D), got ", k_cmp.sizes(), " and ", v_cmp.sizes());
+  TORCH_CHECK(k.size(0) == total && k.size(2) == dim && v.size(0) == total && v.size(1) == kv_heads, op,
+              ": k must be (T_total, Hkv, D) and v (T_total, Hkv, Dv) matching q, got ", k.sizes(), " and ",
+              v.sizes());
+  TORCH_CHECK(k_cmp.size(0) == v_cmp.size(0) && k_cmp.size(1) == kv_heads && k_cmp.size(2) == dim &&
+                  v_cmp.size(1) == kv_heads && v_cmp.size(2) == v.size(2),
+              op, ": k_cmp must be (Tc_total, Hkv, D) and v_cmp (Tc_total, Hkv, Dv), got ", k_cmp.sizes(), " and ",
+              v_cmp.sizes());
   TORCH_CHECK(gates.sizes() == at::IntArrayRef({total, heads, 4}), op, ": gates must be (T_total, H, 4), got ",
               gates.sizes());
   TORCH_CHECK(anchor_mask.dim() == 1 && anchor_mask.size(0) == total && anchor_mask.scalar_type() == at::kBool &&
@@ -646,17 +651,18 @@ struct AnchorRows {
 };
 
 template <typename T>
-AnchorRows<T> gather_anchor_rows(const BatchPlan& plan, const T* k, const T* v, int64_t kv_heads, int64_t dim) {
-  const int64_t total = static_cast<int64_t>(plan.anchors.size()), row = kv_heads * dim;
-  AnchorRows<T> rows{cpu::Buffer<T>(kv_heads * total * dim), cpu::Buffer<T>(kv_heads * total * dim)};
+AnchorRows<T> gather_anchor_rows(const BatchPlan& plan, const T* k, const T* v, int64_t kv_heads, int64_t dim,
+                                 int64_t value_dim) {
+  const int64_t total = static_cast<int64_t>(plan.anchors.size());
+  AnchorRows<T> rows{cpu::Buffer<T>(kv_heads * total * dim), cpu::Buffer<T>(kv_heads * total * value_dim)};
   at::parallel_for(0, static_cast<int64_t>(plan.seqs.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       const SeqPlan& seq = plan.seqs[s];
       for (int64_t g = 0; g < kv_heads; ++g) {
         for (int64_t a = seq.anchor_begin; a < seq.anchor_end; ++a) {
-          const int64_t src = (seq.start + plan.anchors[a]) * row + g * dim, dst = (g * total + a) * dim;
-          std::copy_n(k + src, dim, rows.k.data() + dst);
-          std::copy_n(v + src, dim, rows.v.data() + dst);
+          const int64_t token = seq.start + plan.anchors[a];
+          std::copy_n(k + (token * kv_heads + g) * dim, dim, rows.k.data() + (g * total + a) * dim);
+          std::copy_n(v + (token * kv_heads + g) * value_dim, value_dim, rows.v.data() + (g * total + a) * value_dim);
         }
       }
     }
@@ -671,7 +677,7 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t heads = q.size(1), kv_heads = k.size(1), dim = q.size(2);
   return {q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), k_cmp.data_ptr<T>(), v_cmp.data_ptr<T>(),
           gates.data_ptr<T>(), anchor_rows.k.data(), anchor_rows.v.data(),
-          static_cast<int64_t>(plan.anchors.size()), heads, kv_heads, heads / kv_heads, dim,
+          static_cast<int64_t>(plan.anchors.size()), heads, kv_heads, heads / kv_heads, dim, v.size(2),
           static_cast<T>(1.0 / std::sqrt(static_cast<double>(dim))), cfg};
 }
 
@@ -684,12 +690,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jsa_attention_cpu(
   const BatchPlan plan = make_plan("jsa_attention", q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, cfg);
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), kcc = k_cmp.contiguous(),
                    vcc = v_cmp.contiguous(), gc = gates.contiguous();
-  at::Tensor out = at::empty_like(qc);
+  at::Tensor out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), 4}, q.options());
   at::Tensor selection = at::empty({q.size(0), k.size(1), top_n}, q.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "jsa_attention_cpu", [&] {
     const auto anchor_rows = gather_anchor_rows(plan, kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), k.size(1),
-                                                q.size(2));
+                                                q.size(2), v.size(2));
     const Problem<scalar_t> P = make_problem<scalar_t>(qc, kc, vc, kcc, vcc, gc, plan, anchor_rows, cfg);
     const int64_t num_items = static_cast<int64_t>(plan.items.size());
     at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
@@ -712,8 +718,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "jsa_attention_backward";
   const AttnConfig cfg = make_config(block, stride, select_block, top_n, select_q_block, window, causal);
   const BatchPlan plan = make_plan(op, q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, cfg);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(), op,
-              ": grad_out must match q's shape and dtype, got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({q.size(0), q.size(1), v.size(2)}) &&
+                  grad_out.scalar_type() == q.scalar_type(),
+              op, ": grad_out must be (T_total, H, Dv) in q's dtype like the output, got ", grad_out.sizes(), " ",
+              grad_out.scalar_type());
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), 4}) && lse.scalar_type() == q.scalar_type(), op,
               ": lse must be (T_total, H, 4) in q's dtype, from the forward");
   TORCH_CHECK(selection.sizes() == at::IntArrayRef({q.size(0), k.size(1), top_n}) &&
@@ -727,10 +735,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_k_cmp = at::zeros_like(kcc), grad_v_cmp = at::zeros_like(vcc);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "jsa_attention_backward_cpu", [&] {
     using T = scalar_t;
-    const auto anchor_rows = gather_anchor_rows(plan, kc.data_ptr<T>(), vc.data_ptr<T>(), k.size(1), q.size(2));
+    const auto anchor_rows = gather_anchor_rows(plan, kc.data_ptr<T>(), vc.data_ptr<T>(), k.size(1), q.size(2),
+                                                v.size(2));
     const Problem<T> P = make_problem<T>(qc, kc, vc, kcc, vcc, gc, plan, anchor_rows, cfg);
     const int64_t num_items = static_cast<int64_t>(plan.items.size());
-    const int64_t D = P.dim, kv_row = P.kv_heads * D;
+    const int64_t D = P.dim, Dv = P.value_dim, kv_row = P.kv_heads * D, v_row = P.kv_heads * Dv;
     // Items run in waves whose dK/dV parts fit a fixed budget; the parts of a wave are then added in
     // item order, one kv head per thread.
     int64_t longest = 1, most_cmp = 1;
@@ -738,8 +747,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       longest = std::max(longest, s.length);
       most_cmp = std::max(most_cmp, s.num_cmp);
     }
-    const int64_t part_bytes = 2 * (longest + most_cmp) * D * static_cast<int64_t>(sizeof(T));
-    const int64_t wave = std::max<int64_t>(8 * at::get_num_threads(), (int64_t(64) << 20) / part_bytes);
+    const int64_t part_bytes = (longest + most_cmp) * (D + Dv) * static_cast<int64_t>(sizeof(T));
+    const int64_t wave = std::max<int64_t>(8 * at::get_num_threads(), (int64_t(16) << 20) / part_bytes);
     std::vector<KeyGrads<T>> parts;
     for (int64_t wave_begin = 0; wave_begin < num_items; wave_begin += wave) {
       const int64_t wave_end = std::min(num_items, wave_begin + wave);
@@ -759,23 +768,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           const SeqPlan& seq = plan.seqs[it.seq];
           const KeyGrads<T>& part = parts[i - wave_begin];
           T* dk = grad_k.data_ptr<T>() + seq.start * kv_row + it.kv_head * D;
-          T* dv = grad_v.data_ptr<T>() + seq.start * kv_row + it.kv_head * D;
+          T* dv = grad_v.data_ptr<T>() + seq.start * v_row + it.kv_head * Dv;
           for (size_t j = 0; j < part.keys.size(); ++j) {
             if (part.keys[j] == kNoKey) continue;
-            const int64_t offset = part.keys[j] * kv_row;
-            for (int64_t d = 0; d < D; ++d) {
-              dk[offset + d] += part.dk[j * D + d];
-              dv[offset + d] += part.dv[j * D + d];
-            }
+            for (int64_t d = 0; d < D; ++d) dk[part.keys[j] * kv_row + d] += part.dk[j * D + d];
+            for (int64_t d = 0; d < Dv; ++d) dv[part.keys[j] * v_row + d] += part.dv[j * Dv + d];
           }
           T* dkc = grad_k_cmp.data_ptr<T>() + seq.cmp_start * kv_row + it.kv_head * D;
-          T* dvc = grad_v_cmp.data_ptr<T>() + seq.cmp_start * kv_row + it.kv_head * D;
+          T* dvc = grad_v_cmp.data_ptr<T>() + seq.cmp_start * v_row + it.kv_head * Dv;
           const int64_t ncmp = static_cast<int64_t>(part.dk_cmp.size()) / D;
           for (int64_t c = 0; c < ncmp; ++c) {
-            for (int64_t d = 0; d < D; ++d) {
-              dkc[c * kv_row + d] += part.dk_cmp[c * D + d];
-              dvc[c * kv_row + d] += part.dv_cmp[c * D + d];
-            }
+            for (int64_t d = 0; d < D; ++d) dkc[c * kv_row + d] += part.dk_cmp[c * D + d];
+            for (int64_t d = 0; d < Dv; ++d) dvc[c * v_row + d] += part.dv_cmp[c * Dv + d];
           }
         }
       });

@@ -46,7 +46,7 @@ if has_extension():
                         top_n, select_q_block, window, causal):
         torch._check(q.dim() == 3 and k.dim() == 3, lambda: "jsa_attention: q and k must be 3-D")
         total, heads, _ = q.shape
-        return (q.new_empty(q.shape), q.new_empty((total, heads, 4)),
+        return (q.new_empty((total, heads, v.shape[2])), q.new_empty((total, heads, 4)),
                 q.new_empty((total, k.shape[1], top_n), dtype=torch.long))
 
     @torch.library.register_fake("sparserec::jsa_attention_backward")

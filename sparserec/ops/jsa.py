@@ -16,10 +16,12 @@ def jsa_compress(x, weight, pe, cu_seqlens, block: int, stride: int, backend: st
 
 def jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp,
                   config: JSAConfig = JSAConfig(), backend: str = "auto"):
-    """Journey-aware sparse attention (SPEC §1) over a packed jagged batch -> (T_total, H, D).
+    """Journey-aware sparse attention (SPEC §1) over a packed jagged batch -> (T_total, H, Dv).
 
-    q (T_total, H, D); k, v (T_total, Hkv, D); k_cmp, v_cmp, cu_cmp from `jsa_compress`;
-    gates (T_total, H, 4) in [0, 1] ordered (cmp, slc, jrn, win); anchor_mask (T_total,) bool.
+    q (T_total, H, D); k (T_total, Hkv, D); v (T_total, Hkv, Dv); k_cmp, v_cmp, cu_cmp from
+    `jsa_compress`; gates (T_total, H, 4) in [0, 1] ordered (cmp, slc, jrn, win); anchor_mask
+    (T_total,) bool. Dv may differ from D (backends "reference", "cpp" and "cuda"; Triton needs
+    Dv == D): extra value columns, e.g. action embeddings, ride the same softmax.
     """
     validate.check_jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config)
     return resolve(backend, q.device, q.dtype).attention(

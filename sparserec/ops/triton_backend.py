@@ -167,6 +167,9 @@ triton_jsa_attention.register_autograd(_attention_backward, setup_context=_atten
 def attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config: JSAConfig,
               return_selection: bool = False):
     """Backend entry of `sparserec.ops.jsa_attention` -> (T_total, H, D) [and the selection]."""
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"the triton backend needs v's head dim equal to q's ({q.shape[-1]}), got {v.shape[-1]}; "
+                         "backends 'cpp' (CPU), 'cuda' and 'reference' take a different value width")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_cmp, v_cmp, gates))
     out, _, _, selection, _, _ = triton_jsa_attention(
         q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, *_config_args(config), needs_grad)

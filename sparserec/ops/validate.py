@@ -82,14 +82,16 @@ def check_jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, c
         check_tensor(name, x, ndim=3, dtypes=FLOAT_DTYPES)
     total, heads, dim = q.shape
     kv_heads = k.shape[1]
-    if k.shape != v.shape or k.shape[0] != total or k.shape[2] != dim:
-        raise ValueError(f"k and v must have shape (T_total={total}, Hkv, D={dim}), "
+    if k.shape[0] != total or k.shape[2] != dim or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"k must have shape (T_total={total}, Hkv, D={dim}) and v (T_total={total}, Hkv, Dv), "
                          f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
-    if k_cmp.shape != v_cmp.shape or tuple(k_cmp.shape[1:]) != (kv_heads, dim):
-        raise ValueError(f"k_cmp and v_cmp must have shape (Tc_total, Hkv={kv_heads}, D={dim}), "
-                         f"got k_cmp {tuple(k_cmp.shape)}, v_cmp {tuple(v_cmp.shape)}")
+    value_dim = v.shape[2]
+    if (tuple(k_cmp.shape[1:]) != (kv_heads, dim) or tuple(v_cmp.shape[1:]) != (kv_heads, value_dim)
+            or k_cmp.shape[0] != v_cmp.shape[0]):
+        raise ValueError(f"k_cmp must have shape (Tc_total, Hkv={kv_heads}, D={dim}) and v_cmp (Tc_total, "
+                         f"Hkv={kv_heads}, Dv={value_dim}), got k_cmp {tuple(k_cmp.shape)}, v_cmp {tuple(v_cmp.shape)}")
     dtypes = {x.dtype for x in (q, k, v, k_cmp, v_cmp, gates)}
     check_tensor("gates", gates, ndim=3, dtypes=FLOAT_DTYPES)
     if tuple(gates.shape) != (total, heads, 4):

@@ -158,17 +158,19 @@ def jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp,
                   select_fn=None, return_selection: bool = False):
     """o = sum over branches of gate * branch attention (SPEC §1).
 
-    q (T_total, H, D); k, v (T_total, Hkv, D); k_cmp, v_cmp (Tc_total, Hkv, D);
-    gates (T_total, H, 4) ordered (cmp, slc, jrn, win); anchor_mask (T_total,) bool.
+    q, k (T_total, H|Hkv, D); v (T_total, Hkv, Dv); k_cmp (Tc_total, Hkv, D), v_cmp (Tc_total, Hkv, Dv);
+    gates (T_total, H, 4) ordered (cmp, slc, jrn, win); anchor_mask (T_total,) bool. The value
+    width Dv may differ from D: a second value stream (e.g. action embeddings) concatenated to v is
+    pooled by the same probabilities.
     select_fn: the top-N selection (default: `select_blocks`); the compiled backends pass
-    torch.ops.sparserec.jsa_select here. Returns (T_total, H, D) [and the selection].
+    torch.ops.sparserec.jsa_select here. Returns (T_total, H, Dv) [and the selection].
     """
     select_fn = select_fn or select_blocks
     total, heads, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim)
-    out = torch.zeros_like(q)
+    out = q.new_zeros(total, heads, v.shape[-1])
     selection = torch.full((total, kv_heads, config.top_n), -1, dtype=torch.long, device=q.device)
     bounds = zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), cu_cmp[:-1].tolist(), cu_cmp[1:].tolist())
     pieces = []
