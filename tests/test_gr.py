@@ -191,8 +191,13 @@ def test_examples_and_evaluation_read_the_right_rows(tiny_behavior_data):
     metrics = evaluate_ranker(model, data, split)
     assert metrics["action"]["count"] == metrics["next_item"]["count"] == len(split.test)
     labels = data.behavior[split.valid.position]
+    training = np.concatenate([data.behavior[data.user_ptr[u]:split.train_end[u]] for u in range(data.num_users)])
     for index, name in enumerate(data.behaviors):
         assert metrics["action"][name]["positives"] == int((labels == index).sum())
+        rate, y = (training == index).mean(), labels == index
+        constant = metrics["action_training_rates"][name]
+        assert constant["log_loss"] == pytest.approx(-(y * math.log(rate) + (1 - y) * math.log(1 - rate)).mean())
+        assert constant["auc"] == 0.5  # every score tied
 
 
 # ---- action metrics against hand-computed values -------------------------------------------------

@@ -117,8 +117,19 @@ def evaluate_ranker(model: GenerativeRanker, data: InteractionData, split: DataS
         actions.append(batch["actions"][rows, last].cpu())
         ranked.append(model.item_logits(states[rows, last]).topk(10, dim=-1).indices.cpu())
         targets.append(torch.from_numpy(data.item[split.test.position[chosen]]))
-    return {"action": action_metrics(torch.cat(logits), torch.cat(actions), data.behaviors),
+    actions = torch.cat(actions)
+    return {"action": action_metrics(torch.cat(logits), actions, data.behaviors),
+            "action_training_rates": training_rate_predictor(data, split, actions),
             "next_item": ranking_metrics(torch.cat(ranked), torch.cat(targets), ks=(5, 10))}
+
+
+def training_rate_predictor(data: InteractionData, split: DataSplit, actions) -> dict:
+    """action_metrics of the constant predictor p_b = behavior b's share of the training
+    interactions, on the evaluated actions (B,): the reference a model's NE must beat (AUC 0.5)."""
+    rows = np.arange(data.num_interactions)
+    training = data.behavior[rows < split.train_end[data.user_of_row]]
+    rates = torch.from_numpy(np.bincount(training, minlength=len(data.behaviors)) / len(training))
+    return action_metrics(torch.logit(rates).expand(len(actions), -1), actions, data.behaviors)
 
 
 def train_ranker(model: GenerativeRanker, data: InteractionData, split: DataSplit, config: TrainConfig,
@@ -161,6 +172,9 @@ def format_ranker_metrics(metrics: dict, behaviors) -> str:
              "| behavior | base rate | log loss | NE | AUC |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {action[name]['base_rate']:.4f} | {action[name]['log_loss']:.4f} | "
               f"{action[name]['ne']:.4f} | {action[name]['auc']:.4f} |" for name in behaviors]
+    baseline = metrics["test"]["action_training_rates"]
+    lines.append("constant predictor (training base rates) NE: " + ", ".join(
+        f"{name} {baseline[name]['ne']:.4f}" for name in behaviors) + f"; mean {baseline['mean_ne']:.4f}")
     lines.append(f"next item at the test row ({ranking['count']} users, full ranking): HR@10 {ranking['hr@10']:.4f} "
                  f"± {ranking['hr@10_se']:.4f}, NDCG@10 {ranking['ndcg@10']:.4f} ± {ranking['ndcg@10_se']:.4f}")
     lines.append(f"training: {metrics['steps']} steps, {metrics['seconds_per_step']:.3f} s/step, "
