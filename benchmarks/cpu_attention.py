@@ -88,8 +88,9 @@ def jsa_step(case, compress, attention, backward: bool):
 
 
 def sdpa_step(case, backward: bool):
-    shape = (case["count"], case["length"], HEADS, DIM)
-    q, k, v = (case[name].view(shape).transpose(1, 2).clone().requires_grad_(backward) for name in "qkv")
+    count, length = case["count"], case["length"]
+    q, k, v = (case[name].view(count, length, *case[name].shape[1:]).transpose(1, 2).clone().requires_grad_(backward)
+               for name in "qkv")
 
     def run():
         out = F.scaled_dot_product_attention(q, k, v, is_causal=case["config"].causal)
