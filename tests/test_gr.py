@@ -13,7 +13,7 @@ from sparserec import cli
 from sparserec.data import leave_one_out
 from sparserec.metrics import action_metrics, auc, log_loss, normalized_entropy
 from sparserec.models.gr import ATTENTIONS, FUSIONS, GRConfig, GenerativeRanker
-from sparserec.train.gr import RankerExamples, evaluate_ranker, journey_anchors, ranker_loss
+from sparserec.train.gr import RankerExamples, action_users, evaluate_ranker, journey_anchors, ranker_loss
 
 CASES = [(fusion, attention) for fusion in FUSIONS for attention in ATTENTIONS]
 NUM_ITEMS, NUM_ACTIONS = 23, 4
@@ -174,7 +174,10 @@ def test_config_refuses_bad_values():
 def test_examples_and_evaluation_read_the_right_rows(tiny_behavior_data):
     data = tiny_behavior_data
     split = leave_one_out(data)
-    examples = RankerExamples(data, split.train_end, max_length=5)
+    held_out = action_users(data, split.train_end, fraction=0.25, seed=3)
+    assert len(held_out) == 3 and np.array_equal(held_out, action_users(data, split.train_end, fraction=0.25, seed=3))
+    examples = RankerExamples(data, split.train_end, max_length=5, held_out=held_out)
+    assert len(examples) == data.num_users - 3 and not np.isin(examples.users, held_out).any()
     user = examples.users[3]
     items, actions = examples[3]
     start, end = data.user_ptr[user], split.train_end[user]
@@ -188,10 +191,13 @@ def test_examples_and_evaluation_read_the_right_rows(tiny_behavior_data):
     assert anchors.tolist() == [True] + [a != b for a, b in zip(types[1:], types[:-1])]
 
     model = GenerativeRanker(GRConfig(num_items=data.num_items, num_actions=4, fusion="mvp", max_length=5))
-    metrics = evaluate_ranker(model, data, split)
-    assert metrics["action"]["count"] == metrics["next_item"]["count"] == len(split.test)
-    labels = data.behavior[split.valid.position]
-    training = np.concatenate([data.behavior[data.user_ptr[u]:split.train_end[u]] for u in range(data.num_users)])
+    metrics = evaluate_ranker(model, data, split, held_out)
+    # action targets: every position of the held-out users' last 5 training-split interactions
+    labels = np.concatenate([data.behavior[data.user_ptr[u]:split.train_end[u]][-5:] for u in held_out])
+    assert metrics["action"]["count"] == len(labels)
+    assert metrics["next_item"]["count"] == len(split.test) - int(np.isin(split.test.user, held_out).sum())
+    training = np.concatenate([data.behavior[data.user_ptr[u]:split.train_end[u]] for u in range(data.num_users)
+                               if u not in held_out])
     for index, name in enumerate(data.behaviors):
         assert metrics["action"][name]["positives"] == int((labels == index).sum())
         rate, y = (training == index).mean(), labels == index
@@ -259,6 +265,6 @@ def test_cli_trains_and_reports_interleaving_doubles_tokens(capsys, tmp_path):
                          "--max-lines", "3000", "--test-users", "40", "--out", str(out)]) == 0
         per_fusion[fusion] = json.loads((out / "metrics.json").read_text())
     printed = capsys.readouterr().out
-    assert "action prediction at the validation row (40 users" in printed and "HR@10" in printed
+    assert "action prediction on " in printed and "next item at the test row (40 users" in printed
     assert per_fusion["interleave"]["tokens_per_step"] == pytest.approx(2 * per_fusion["lfa"]["tokens_per_step"])
     assert per_fusion["lfa"]["steps"] == 2 and per_fusion["lfa"]["test"]["next_item"]["count"] == 40

@@ -1,14 +1,20 @@
 """Training and evaluation of the generative ranker (`sparserec.models.gr`), both objectives at every position.
 
-Examples: one per user, the most recent `max_length` of its training interactions
+Two evaluation protocols, one per objective (docs/action_fusion.md, "Evaluation"):
+
+- **Action**: a seeded 10% of the users (`action_users`) are held out of training entirely; every
+  position of their most recent `max_length` training-split interactions is an action target,
+  predicted from its history and its item. Per-behavior log loss, NE and AUC over those positions.
+  (Held-out *users* rather than held-out last rows: a user's last rows are not distributed like
+  the rest — Retail's last event is always MBHT's appended buy, its second-to-last is a buy or
+  aux_1 two to three times as often as elsewhere — so a model trained on all positions is mis-scored there.)
+- **Next item**: leave-one-out as in the rest of the package, on the other users: one forward over
+  the most recent `max_length` interactions up to and including the validation row; the last
+  position's next-item state ranks the whole catalogue for the test row's item (HR@10, NDCG@10).
+
+Examples: one per training user, the most recent `max_length` of its training interactions
 (`split.train_end`); every real position is an action target, every position but the last a
-next-item target. Evaluation, per evaluated user (leave-one-out as in the rest of the package):
-one forward over the user's most recent `max_length` interactions up to and including its
-validation row (the second-to-last event; never trained on). The last position's action logits
-predict that row's behavior (action metrics: per-behavior log loss, NE, AUC); its next-item state
-ranks the whole catalogue for the test row's item (HR@10, NDCG@10). The action is read at the
-validation row, not the test row, because Retail's last event is by construction always a buy
-(MBHT's session target): its test-row action labels hold one class.
+next-item target.
 """
 import dataclasses
 import json
@@ -53,12 +59,25 @@ def padded_batch(sequences, anchors_of) -> dict:
     return batch
 
 
-class RankerExamples(Dataset):
-    """One example per user with at least two training interactions: its last `max_length` of them."""
+def trainable_users(data: InteractionData, train_end: np.ndarray) -> np.ndarray:
+    """Users with at least two training interactions (an input and a next item)."""
+    return np.flatnonzero(train_end - data.user_ptr[:-1] >= 2)
 
-    def __init__(self, data: InteractionData, train_end: np.ndarray, max_length: int):
+
+def action_users(data: InteractionData, train_end: np.ndarray, fraction: float = 0.1, seed: int = 0) -> np.ndarray:
+    """The users held out of training for the action evaluation: `fraction` of the trainable
+    users, drawn with `seed`, sorted."""
+    users = trainable_users(data, train_end)
+    count = max(1, round(fraction * len(users)))
+    return np.sort(np.random.default_rng(seed).choice(users, count, replace=False))
+
+
+class RankerExamples(Dataset):
+    """One example per trainable user not in `held_out`: its last `max_length` training interactions."""
+
+    def __init__(self, data: InteractionData, train_end: np.ndarray, max_length: int, held_out=()):
         self.data, self.train_end, self.max_length = data, train_end, max_length
-        self.users = np.flatnonzero(train_end - data.user_ptr[:-1] >= 2)
+        self.users = np.setdiff1d(trainable_users(data, train_end), np.asarray(held_out, dtype=np.int64))
         if len(self.users) == 0:
             raise ValueError(f"{data.name}: no user has two training interactions")
         self.anchors_of = journey_anchors(data)
@@ -93,41 +112,51 @@ def ranker_loss(model, batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_ranker(model: GenerativeRanker, data: InteractionData, split: DataSplit, users=None,
-                    batch_size: int = 128) -> dict:
-    """{"action": action_metrics at the validation rows, "next_item": ranking_metrics (K = 5, 10)
-    for the test rows} over `users` (indices into split.test; default: all evaluated users)."""
+def evaluate_ranker(model: GenerativeRanker, data: InteractionData, split: DataSplit, held_out,
+                    next_item_targets=None, batch_size: int = 128) -> dict:
+    """{"action": action_metrics over every position of the `held_out` users' training-split
+    windows, "action_training_rates": the constant predictor's, "next_item": ranking_metrics
+    (K = 5, 10) for the test rows of `next_item_targets` (indices into split.test; default: every
+    evaluated user not held out)}."""
     model.eval()
     device = next(model.parameters()).device
-    order = np.arange(len(split.test)) if users is None else np.asarray(users)
-    anchors_of = journey_anchors(data)
-    logits, actions, ranked, targets = [], [], [], []
-    for start in range(0, len(order), batch_size):
-        chosen = order[start:start + batch_size]
-        sequences = []
-        for j in chosen:
-            user, valid_row = split.valid.user[j], split.valid.position[j]
-            items, behaviors = data.history(user, end=valid_row + 1)
-            sequences.append((items[-model.config.max_length:], behaviors[-model.config.max_length:]))
+    anchors_of, length = journey_anchors(data), model.config.max_length
+
+    def forward(sequences):
         batch = {k: v.to(device) for k, v in padded_batch(sequences, anchors_of).items()}
-        action_logits, states = model(batch["items"], batch["actions"], batch["valid"], batch["anchors"])
+        return batch, *model(batch["items"], batch["actions"], batch["valid"], batch["anchors"])
+
+    logits, actions = [], []
+    for start in range(0, len(held_out), batch_size):
+        sequences = [tuple(x[-length:] for x in data.history(u, end=split.train_end[u]))
+                     for u in held_out[start:start + batch_size]]
+        batch, action_logits, _ = forward(sequences)
+        logits.append(action_logits[batch["valid"]].float().cpu())
+        actions.append(batch["actions"][batch["valid"]].cpu())
+    if next_item_targets is None:
+        next_item_targets = np.flatnonzero(~np.isin(split.test.user, held_out))
+    ranked, targets = [], []
+    for start in range(0, len(next_item_targets), batch_size):
+        chosen = next_item_targets[start:start + batch_size]
+        sequences = [tuple(x[-length:] for x in data.history(u, end=row + 1))
+                     for u, row in zip(split.valid.user[chosen], split.valid.position[chosen])]
+        batch, _, states = forward(sequences)
         last = batch["valid"].sum(1) - 1
-        rows = torch.arange(len(chosen), device=device)
-        logits.append(action_logits[rows, last].float().cpu())
-        actions.append(batch["actions"][rows, last].cpu())
-        ranked.append(model.item_logits(states[rows, last]).topk(10, dim=-1).indices.cpu())
+        ranked.append(model.item_logits(states[torch.arange(len(chosen), device=device), last]).topk(10).indices.cpu())
         targets.append(torch.from_numpy(data.item[split.test.position[chosen]]))
     actions = torch.cat(actions)
     return {"action": action_metrics(torch.cat(logits), actions, data.behaviors),
-            "action_training_rates": training_rate_predictor(data, split, actions),
+            "action_training_rates": training_rate_predictor(data, split, held_out, actions),
             "next_item": ranking_metrics(torch.cat(ranked), torch.cat(targets), ks=(5, 10))}
 
 
-def training_rate_predictor(data: InteractionData, split: DataSplit, actions) -> dict:
+def training_rate_predictor(data: InteractionData, split: DataSplit, held_out, actions) -> dict:
     """action_metrics of the constant predictor p_b = behavior b's share of the training
-    interactions, on the evaluated actions (B,): the reference a model's NE must beat (AUC 0.5)."""
+    interactions (held-out users excluded), on the evaluated actions (B,): the reference a model's
+    NE must beat (its AUC is 0.5)."""
+    users = data.user_of_row
     rows = np.arange(data.num_interactions)
-    training = data.behavior[rows < split.train_end[data.user_of_row]]
+    training = data.behavior[(rows < split.train_end[users]) & ~np.isin(users, held_out)]
     rates = torch.from_numpy(np.bincount(training, minlength=len(data.behaviors)) / len(training))
     return action_metrics(torch.logit(rates).expand(len(actions), -1), actions, data.behaviors)
 
@@ -137,7 +166,8 @@ def train_ranker(model: GenerativeRanker, data: InteractionData, split: DataSpli
     """Trains for config.max_steps (checkpoints in out_dir; resume continues them), evaluates,
     writes out_dir/metrics.json and returns it: test metrics, training seconds and steps, steps per
     epoch, sequence tokens per step (mean over an epoch) and seconds per step and per epoch."""
-    examples = RankerExamples(data, split.train_end, model.config.max_length)
+    held_out = action_users(data, split.train_end, seed=seed)
+    examples = RankerExamples(data, split.train_end, model.config.max_length, held_out)
     checkpoint = os.path.join(out_dir, "checkpoint.pt")
     trainer = Trainer(model, examples, ranker_loss, dataclasses.replace(config, checkpoint_path=checkpoint),
                       collate_fn=examples.collate)
@@ -148,11 +178,12 @@ def train_ranker(model: GenerativeRanker, data: InteractionData, split: DataSpli
     result = trainer.fit()
     seconds = time.perf_counter() - started
     steps_per_epoch = -(-len(examples) // config.batch_size)
-    users = None
-    if test_users is not None and test_users < len(split.test):
-        users = np.sort(np.random.default_rng(seed).choice(len(split.test), test_users, replace=False))
+    next_item_targets = np.flatnonzero(~np.isin(split.test.user, held_out))
+    if test_users is not None and test_users < len(next_item_targets):
+        next_item_targets = np.sort(np.random.default_rng(seed).choice(next_item_targets, test_users, replace=False))
     metrics = {
-        "test": evaluate_ranker(model, data, split, users),
+        "test": evaluate_ranker(model, data, split, held_out, next_item_targets),
+        "action_users": len(held_out),
         "train_seconds": seconds, "steps": result.step, "steps_timed": result.step - first_step,
         "seconds_per_step": seconds / max(1, result.step - first_step), "steps_per_epoch": steps_per_epoch,
         "tokens_per_step": examples.interactions_per_epoch() * model.config.tokens_per_interaction / steps_per_epoch,
@@ -168,7 +199,8 @@ def train_ranker(model: GenerativeRanker, data: InteractionData, split: DataSpli
 def format_ranker_metrics(metrics: dict, behaviors) -> str:
     """A markdown summary of `train_ranker`'s metrics: per-behavior action metrics, next item, cost."""
     action, ranking = metrics["test"]["action"], metrics["test"]["next_item"]
-    lines = [f"action prediction at the validation row ({action['count']} users; mean NE {action['mean_ne']:.4f})",
+    lines = [f"action prediction on {metrics['action_users']} held-out users ({action['count']} positions; "
+             f"mean NE {action['mean_ne']:.4f})",
              "| behavior | base rate | log loss | NE | AUC |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {action[name]['base_rate']:.4f} | {action[name]['log_loss']:.4f} | "
               f"{action[name]['ne']:.4f} | {action[name]['auc']:.4f} |" for name in behaviors]
