@@ -13,17 +13,17 @@ from sparserec import cli
 from sparserec.data import leave_one_out
 from sparserec.metrics import action_metrics, auc, log_loss, normalized_entropy
 from sparserec.models.gr import ATTENTIONS, FUSIONS, GRConfig, GenerativeRanker
+from sparserec.ops.dispatch import backends
 from sparserec.train.gr import RankerExamples, action_users, evaluate_ranker, journey_anchors, ranker_loss
 
 CASES = [(fusion, attention) for fusion in FUSIONS for attention in ATTENTIONS]
 NUM_ITEMS, NUM_ACTIONS = 23, 4
 
 
-def ranker(fusion, attention, dtype=torch.float64, **options):
-    # The C++ backend does not take a value width unlike the key width yet: JSA runs on the reference.
+def ranker(fusion, attention, dtype=torch.float64, backend="reference"):
+    # JSA on the reference (the executable spec) unless told; test_jsa_backends_agree checks the C++ kernels.
     config = GRConfig(num_items=NUM_ITEMS, num_actions=NUM_ACTIONS, fusion=fusion, attention=attention, d_model=16,
-                      num_heads=2, action_dim=4, layers=2, d_ff=32, dropout=0.0, max_length=24, backend="reference",
-                      **options)
+                      num_heads=2, action_dim=4, layers=2, d_ff=32, dropout=0.0, max_length=24, backend=backend)
     torch.manual_seed(0)
     model = GenerativeRanker(config).to(dtype).eval()
     for parameter in model.parameters():  # N(0, 0.02) leaves attention near uniform; make it peaked
@@ -88,6 +88,21 @@ def test_padding_and_batch_neighbours_change_nothing(fusion, attention):
     alone_logits, alone_states = model(items[1:2, :13], actions[1:2, :13], valid[1:2, :13], anchors[1:2, :13])
     torch.testing.assert_close(logits[1, :13], alone_logits[0], rtol=0, atol=1e-10)
     torch.testing.assert_close(states[1, :13], alone_states[0], rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(backends().get("cpp") is not None, reason="the C++ extension is not built")
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_jsa_backends_agree(fusion):
+    """The fused C++ JSA (value width D + action columns for lfa/mvp) equals the reference, fwd and bwd."""
+    items, actions, valid, anchors = sequences()
+    results = {}
+    for backend in ("reference", "cpp"):
+        model = ranker(fusion, "jsa", dtype=torch.float32, backend=backend)
+        action_logits, states = model(items, actions, valid, anchors)
+        (action_logits.sum() + states.sum()).backward()
+        results[backend] = [action_logits, states] + [p.grad for p in model.parameters() if p.grad is not None]
+    for got, expected in zip(results["cpp"], results["reference"]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def hand_written(model, items, actions):
