@@ -173,7 +173,8 @@ def fit(model, prepared: Prepared, config: TrainConfig, valid_users: int | None 
         def evaluate_fn(trained):
             return evaluate_sasrec(trained, data, valid, mask_history=mask_history)["all"]
     config = dataclasses.replace(config, checkpoint_path=checkpoint)
-    trainer = Trainer(model, examples, loss_fn, config, collate_fn=examples.collate, evaluate_fn=evaluate_fn)
+    trainer = Trainer(model, examples, loss_fn, config, collate_fn=examples.collate, evaluate_fn=evaluate_fn,
+                      count_batch=examples.counts)
     if checkpoint and os.path.isfile(checkpoint):
         try:
             trainer.load_checkpoint(checkpoint)

@@ -57,6 +57,18 @@ def trained_grace(prepared):
     return model
 
 
+def test_examples_count_what_the_trainer_reports(prepared):
+    from sparserec.train.examples import GRACEExamples, SASRecExamples
+
+    data, split = prepared.data, prepared.split
+    grace = GRACEExamples(data, prepared.tokenizer, split.train_targets(data))
+    batch = grace.collate([grace[i] for i in range(5)])
+    assert grace.counts(batch) == (5, int(batch["cu_seqlens"][-1]))
+    sasrec = SASRecExamples(data, split.train_end, max_length=6)
+    sequences = [sasrec[i] for i in range(4)]
+    assert sasrec.counts(sasrec.collate(sequences)) == (4, sum(len(s) - 1 for s in sequences))
+
+
 def test_grace_beats_popularity_on_every_task(prepared, trained_grace):
     results = evaluate(trained_grace, prepared, beam_size=10, progress=False)
     baseline = baselines(prepared)["popularity"]

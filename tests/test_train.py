@@ -33,12 +33,12 @@ def noisy_collate(samples):
     return features + torch.from_numpy(np.random.normal(0, 0.1, features.shape)).float(), labels
 
 
-def make_trainer(model_seed=0, dropout=0.3, collate_fn=noisy_collate, evaluate_fn=None, **config):
+def make_trainer(model_seed=0, dropout=0.3, collate_fn=noisy_collate, evaluate_fn=None, count_batch=None, **config):
     torch.manual_seed(model_seed)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 4))
     values = dict(max_steps=12, batch_size=16, lr=1e-2, warmup_steps=3, log_every=4, progress=False)
     return Trainer(model, toy_dataset(), classify_loss, TrainConfig(**{**values, **config}),
-                   collate_fn=collate_fn, evaluate_fn=evaluate_fn)
+                   collate_fn=collate_fn, evaluate_fn=evaluate_fn, count_batch=count_batch)
 
 
 @pytest.mark.parametrize("pause_at", [5, 7])  # mid-epoch, and at the end of the first epoch (7 batches)
@@ -74,6 +74,21 @@ def test_early_stopping_keeps_the_best_weights():
     assert (result.step, result.best_step, result.best_metric, result.stopped_early) == (8, 4, 0.3, True)
     for best, actual in zip(snapshots[1], trainer.model.parameters()):
         assert torch.equal(best, actual)
+
+
+def test_throughput_counts_every_example_and_token():
+    counted = []
+
+    def count_batch(batch):
+        counted.append(len(batch[1]))
+        return len(batch[1]), 8 * len(batch[1])  # 8 features per example stand in for tokens
+
+    trainer = make_trainer(count_batch=count_batch, max_steps=7, log_every=7)  # one epoch: 6 x 16 + 4
+    trainer.fit()
+    (entry,) = trainer.history
+    assert counted == [16] * 6 + [4]
+    assert entry["examples_per_s"] > 0 and entry["tokens_per_s"] == pytest.approx(8 * entry["examples_per_s"])
+    assert "examples_per_s" not in make_trainer(max_steps=4).fit().history[0]
 
 
 def test_warmup_cosine_schedule():

@@ -46,6 +46,11 @@ class GRACEExamples(Dataset):
                 "targets": targets, "decoder_input_ids": shift_right(targets, BOS),
                 "items": torch.from_numpy(items).long(), "behaviors": torch.from_numpy(behaviors).long()}
 
+    @staticmethod
+    def counts(batch) -> tuple:
+        """(examples, history tokens) of a collated batch: what the trainer's throughput counts."""
+        return batch["targets"].shape[0], batch["tokens"].shape[0]
+
 
 def grace_loss(model, batch) -> torch.Tensor:
     """Mean cross-entropy over the target's tokens (behavior, CoT, SID, collision)."""
@@ -82,6 +87,10 @@ class SASRecExamples(Dataset):
             inputs[row, : len(sequence) - 1] = sequence[:-1]
             next_items[row, : len(sequence) - 1] = sequence[1:]
         return {"inputs": inputs, "next_items": next_items}
+
+    def counts(self, batch) -> tuple:
+        """(examples, real input positions) of a collated batch: what the trainer's throughput counts."""
+        return batch["inputs"].shape[0], int((batch["inputs"] != self.data.num_items).sum())
 
 
 def sasrec_loss(model, batch) -> torch.Tensor:

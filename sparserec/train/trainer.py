@@ -119,14 +119,16 @@ class Trainer:
     evaluate_fn(model) -> {metric name: value}: validation, run on rank 0 in eval mode without
     gradients; `config.metric` (higher is better) drives early stopping and the best weights,
     which `fit` loads into rank 0's model when it finishes (rank 0 also writes the checkpoints).
+    count_batch(batch) -> (examples, input tokens), read before the batch leaves the CPU: the
+    progress bar and `history` then show this process's examples/s and tokens/s.
     """
 
     def __init__(self, model, dataset, loss_fn, config: TrainConfig, collate_fn=None, evaluate_fn=None,
-                 device=None):
+                 device=None, count_batch=None):
         self.rank, self.world_size, local_rank = init_distributed()
         self.device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
         self.config, self.dataset, self.loss_fn = config, dataset, loss_fn
-        self.collate_fn, self.evaluate_fn = collate_fn, evaluate_fn
+        self.collate_fn, self.evaluate_fn, self.count_batch = collate_fn, evaluate_fn, count_batch
         seed_everything(config.seed + self.rank)
         self.model = model.to(self.device)
         self.train_model = model
@@ -159,6 +161,8 @@ class Trainer:
                    disable=not (config.progress and self.is_main))
         running_loss, steps_since_log = torch.zeros((), device=self.device), 0
         started, timed_out = time.perf_counter(), False
+        examples = tokens = 0  # since the last log
+        last_log = started
         while self.step < stop_at and not self.stopped_early and not timed_out:
             self.sampler.set_epoch(self.epoch)
             self.sampler.start = self.batch_in_epoch * config.batch_size
@@ -166,6 +170,9 @@ class Trainer:
             loader = DataLoader(self.dataset, config.batch_size, sampler=self.sampler, collate_fn=self.collate_fn,
                                 num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed + self.epoch))
             for batch in loader:
+                if self.count_batch is not None:
+                    batch_examples, batch_tokens = self.count_batch(batch)
+                    examples, tokens = examples + batch_examples, tokens + batch_tokens
                 running_loss += self._train_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
@@ -176,8 +183,15 @@ class Trainer:
                     loss = running_loss.item() / steps_since_log
                     running_loss.zero_()
                     steps_since_log = 0
-                    self.history.append({"step": self.step, "loss": loss})
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                    entry, shown = {"step": self.step, "loss": loss}, {}
+                    if self.count_batch is not None:
+                        now = time.perf_counter()
+                        entry.update(examples_per_s=examples / (now - last_log), tokens_per_s=tokens / (now - last_log))
+                        shown = {"ex/s": f"{entry['examples_per_s']:.1f}", "tok/s": f"{entry['tokens_per_s']:.0f}"}
+                        examples = tokens = 0
+                        last_log = now
+                    self.history.append(entry)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", **shown)
                 if config.time_limit_s and self.step % config.log_every == 0:
                     timed_out = self._everyone_agrees(time.perf_counter() - started >= config.time_limit_s)
                 validated = self.evaluate_fn is not None and (
