@@ -17,7 +17,7 @@ import torch
 
 from sparserec.data import default_split, load_dataset
 from sparserec.models.gr import FUSIONS, GRConfig, GenerativeRanker
-from sparserec.train.gr import RankerExamples, ranker_loss
+from sparserec.train.gr import RankerExamples, action_users, ranker_loss
 
 
 def main(argv=None):
@@ -29,8 +29,12 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the interquartile range needs two timings)")
     data = load_dataset(args.dataset)
-    examples = RankerExamples(data, default_split(data).train_end, max_length=50)
+    train_end = default_split(data).train_end
+    # The training set of `sparserec train --model gr`: the action evaluation's users held out.
+    examples = RankerExamples(data, train_end, max_length=50, held_out=action_users(data, train_end, seed=args.seed))
     rng = np.random.default_rng(args.seed)
     needed = args.batch_size * (args.rounds + 3)  # epochs are reshuffled when the rounds need more than one
     order = np.concatenate([rng.permutation(len(examples)) for _ in range(-(-needed // len(examples)))])
