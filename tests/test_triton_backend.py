@@ -61,11 +61,11 @@ def run(inputs, config, dout, backend, select_fn=None):
 
 
 def check_against_reference(lengths, config, heads, kv_heads, dtype=torch.float32, anchor_rate=0.2, dim=16,
-                            seed=0):
+                            seed=0, value_dim=None):
     from sparserec.ops.triton_backend import attention as triton_attention
 
     exact = make_inputs(lengths, config, heads=heads, kv_heads=kv_heads, dim=dim, anchor_rate=anchor_rate,
-                        seed=seed, device=DEVICE)
+                        seed=seed, device=DEVICE, value_dim=value_dim)
     inputs = exact.to(dtype)
     _, selection = triton_attention(*inputs.attention_args(), config=config, return_selection=True)
     _, expected = reference_attention(*inputs.to(torch.float32).attention_args(), config, return_selection=True)
@@ -75,7 +75,8 @@ def check_against_reference(lengths, config, heads, kv_heads, dtype=torch.float3
     else:  # low-precision scores may reorder near-tied blocks
         assert agreement > 0.99
 
-    dout = torch.randn(exact.q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    dout = torch.randn(exact.q.shape[:2] + exact.v.shape[2:], generator=torch.Generator().manual_seed(seed + 1),
+                       dtype=torch.float64)
     dout = dout.to(DEVICE)
     out, grads = run(inputs, config, dout, "triton")
     ref_low, grads_low = run(inputs, config, dout, "reference", fixed_selection(selection, inputs.cu_seqlens))
@@ -96,6 +97,12 @@ def test_backend_matches_reference(causal, heads, kv_heads):
 @pytest.mark.parametrize("anchor_rate", [0.0, 1.0])
 def test_no_anchors_and_all_anchors(anchor_rate):
     check_against_reference([9, 40], replace(CONFIG, causal=True), 2, 1, anchor_rate=anchor_rate)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_value_width_other_than_key_width(causal):
+    """v, v_cmp of width Dv != D: a second value stream through the same softmax (issue 11)."""
+    check_against_reference([7, 40], replace(CONFIG, causal=causal), 2, 1, dim=16, value_dim=24)
 
 
 def test_float16_and_odd_config():
@@ -139,12 +146,6 @@ def test_dispatch_under_the_interpreter():
     assert resolve("auto", torch.device("cpu"), torch.float32).name != "triton"  # too slow to be picked
     inputs = make_inputs([5], CONFIG, heads=2, kv_heads=1, dim=16).to(torch.bfloat16)
     with pytest.raises(ValueError, match="interpreter"):
-        jsa_attention(*inputs.attention_args(), config=CONFIG, backend="triton")
-
-
-def test_value_width_other_than_key_width_is_refused():
-    inputs = make_inputs([5], CONFIG, heads=2, kv_heads=1, dim=16, value_dim=8, device=DEVICE).to(torch.float32)
-    with pytest.raises(ValueError, match="v's head dim equal to q's"):
         jsa_attention(*inputs.attention_args(), config=CONFIG, backend="triton")
 
 

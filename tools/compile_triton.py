@@ -13,7 +13,8 @@ Cases (the default, run by CI; COVERING_CASES): every pair of head dim (32/64/12
 (fp16/bf16), heads (MHA 4:4, GQA 8:2) and mode (causal, bidirectional) occurs, with the GRACE-like
 JSA config (block 32, stride 16, select_block 32, top_n 3, select_q_block 64, window 64), plus four
 cases with larger tiles (select_block 64, select_q_block 128, window 128), plus the compression
-kernels in fp32 at each head dim. `--full` runs the whole product (72 cases). Builds that are the
+kernels in fp32 at each head dim, plus two cases with values wider than the keys (D 64 / Dv 96,
+D 32 / Dv 48). `--full` runs the whole product (72 cases). Builds that are the
 same binary (same kernel, specialisation and config) are compiled and counted once; `-j` compiles
 cases in that many processes.
 
@@ -67,6 +68,8 @@ COVERING_CASES = [
     ("large", "gqa", 128, "bf16", False, ""), ("large", "mha", 128, "fp16", True, ""),
     ("grace", "gqa", 32, "fp32", True, "_compress"), ("grace", "gqa", 64, "fp32", True, "_compress"),
     ("grace", "gqa", 128, "fp32", True, "_compress"),
+    # Values wider than the keys (head dim (D, Dv)): a second value stream through the same softmax.
+    ("grace", "gqa", (64, 96), "bf16", True, ""), ("grace", "mha", (32, 48), "fp16", False, ""),
 ]
 # Ragged: one token, a sequence shorter than a compressed block, and longer ones.
 LENGTHS = [1, 7, 97, 300]
@@ -219,8 +222,10 @@ def cu_seqlens(lengths):
     return cu
 
 
-def launch_module(config: JSAConfig, heads: int, kv_heads: int, dim: int, dtype: torch.dtype):
-    """Every Triton launch of one JSA layer's forward and backward, on small CPU tensors."""
+def launch_module(config: JSAConfig, heads: int, kv_heads: int, dim, dtype: torch.dtype):
+    """Every Triton launch of one JSA layer's forward and backward, on small CPU tensors; dim is the
+    head dim, or (D, Dv) for values of another width than the queries and keys."""
+    dim, value_dim = dim if isinstance(dim, tuple) else (dim, dim)
     gen = torch.Generator().manual_seed(0)
     cu = cu_seqlens(LENGTHS)
     total = sum(LENGTHS)
@@ -228,7 +233,7 @@ def launch_module(config: JSAConfig, heads: int, kv_heads: int, dim: int, dtype:
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
 
-    q, k, v = randn(total, heads, dim), randn(total, kv_heads, dim), randn(total, kv_heads, dim)
+    q, k, v = randn(total, heads, dim), randn(total, kv_heads, dim), randn(total, kv_heads, value_dim)
     weight, pe = randn(kv_heads, config.block, dim, dim), randn(kv_heads, config.block, dim)
     gates = torch.rand(total, heads, 4, generator=gen).to(dtype)
     anchor_mask = torch.rand(total, generator=gen) < 1 / 16
@@ -237,13 +242,13 @@ def launch_module(config: JSAConfig, heads: int, kv_heads: int, dim: int, dtype:
     k_cmp = jsa_compress.compress_fwd(k, weight, pe, cu, cu_cmp, num_blocks, config.block, config.stride)
     jsa_compress.compress_bwd(k_cmp, k, weight, pe, cu, cu_cmp, config.block, config.stride)
     # Nothing runs: the outputs that later host code reads get defined values.
-    k_cmp, v_cmp = randn(num_blocks, kv_heads, dim), randn(num_blocks, kv_heads, dim)
+    k_cmp, v_cmp = randn(num_blocks, kv_heads, dim), randn(num_blocks, kv_heads, value_dim)
     o_cmp, lse_cmp = jsa_cmp.cmp_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, config)
     jsa_cmp.cmp_select(q, k_cmp, lse_cmp.zero_(), cu, cu_cmp, config)
     selection = torch.zeros(total, kv_heads, config.top_n, dtype=torch.int32)
     _, lse, branches = jsa_sparse.sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu, config,
                                                        store_branches=True)
-    dout = randn(total, heads, dim)
+    dout = randn(total, heads, value_dim)
     jsa_cmp.cmp_attention_bwd(dout, gates[..., 0], q, k_cmp, v_cmp, o_cmp.zero_(), lse_cmp, cu, cu_cmp, config)
     jsa_sparse.sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu, config, branches.zero_(),
                                     lse.zero_())
@@ -251,7 +256,8 @@ def launch_module(config: JSAConfig, heads: int, kv_heads: int, dim: int, dtype:
 
 def case_label(case) -> str:
     config_name, heads_name, dim, dtype_name, causal, _ = case
-    return f"{config_name} {heads_name} d{dim} {dtype_name} {'causal' if causal else 'bidir'}"
+    dims = f"d{dim[0]}v{dim[1]}" if isinstance(dim, tuple) else f"d{dim}"
+    return f"{config_name} {heads_name} {dims} {dtype_name} {'causal' if causal else 'bidir'}"
 
 
 _RECORDER = None

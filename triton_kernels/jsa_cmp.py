@@ -1,7 +1,7 @@
 """JSA compressed attention (SPEC §1 cmp) and the top-N block selection it drives (slc).
 
-Forward: FlashAttention over each sequence's compressed keys/values, one program per (query tile,
-query head); causal: compressed block i is visible to query t iff i*stride + block - 1 <= t. A
+Forward: FlashAttention over each sequence's compressed keys/values (the values' width Dv may differ
+from the keys' D), one program per (query tile, query head); causal: compressed block i is visible to query t iff i*stride + block - 1 <= t. A
 query that sees no block outputs 0 (its logsumexp is stored as +inf, as jsa_sparse does, so that
 exp(s - lse) is 0). Writes o_cmp and the natural-log logsumexp.
 
@@ -49,14 +49,14 @@ def _visible_blocks(last_row, num_cmp, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.c
         return num_cmp
 
 
-@triton.autotune(configs=_kv_configs(), key=["HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=_kv_configs(), key=["HEAD_DIM", "VALUE_DIM", "CAUSAL"])
 @triton.jit
 def _cmp_fwd(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr, qk_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lt, stride_lh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lt, stride_lh,
     GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     head = tl.program_id(1)
     seq, bos, length, start = tile_bounds(tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, tl.program_id(0))
@@ -69,6 +69,8 @@ def _cmp_fwd(
     row_ok = rows < length
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
+    vdims = tl.arange(0, BLOCK_DV)
+    vdim_ok = vdims < VALUE_DIM
     tokens = (bos + rows).to(tl.int64)
     q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -76,14 +78,15 @@ def _cmp_fwd(
 
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     for n0 in range(0, num_visible, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < num_visible
-        kv_offsets = (cmp_bos + cols).to(tl.int64)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
-        kv_mask = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        blocks = (cmp_bos + cols).to(tl.int64)
+        k = tl.load(k_ptr + blocks[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + blocks[:, None] * stride_vt + kv_head * stride_vh + vdims[None, :],
+                    mask=col_ok[:, None] & vdim_ok[None, :], other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         visible = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
@@ -100,8 +103,8 @@ def _cmp_fwd(
     has_key = row_sum > 0
     out = acc / tl.where(has_key, row_sum, 1.0)[:, None]
     lse = tl.where(has_key, (row_max + tl.log2(tl.where(has_key, row_sum, 1.0))) / LOG2E, float("inf"))
-    tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + vdims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & vdim_ok[None, :])
     tl.store(lse_ptr + tokens * stride_lt + head * stride_lh, lse, mask=row_ok)
 
 
@@ -193,16 +196,16 @@ def _cmp_select(
     tl.store(sel_ptr + pid.to(tl.int64) * stride_st + kv_head * stride_sh + slots, chosen, mask=slots < TOP_N)
 
 
-@triton.autotune(configs=_kv_configs(), key=["HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=_kv_configs(), key=["HEAD_DIM", "VALUE_DIM", "CAUSAL"])
 @triton.jit
 def _cmp_bwd_dq(
     q_ptr, k_ptr, v_ptr, dout_ptr, gate_ptr, lse_ptr, delta_ptr, dq_ptr,
     tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr, qk_scale, sm_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh, stride_gt, stride_gh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh, stride_gt, stride_gh,
     stride_lt, stride_lh, stride_dqt, stride_dqh,
     GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     head = tl.program_id(1)
     seq, bos, length, start = tile_bounds(tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, tl.program_id(0))
@@ -215,11 +218,14 @@ def _cmp_bwd_dq(
     row_ok = rows < length
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
+    vdims = tl.arange(0, BLOCK_DV)
+    vdim_ok = vdims < VALUE_DIM
     tokens = (bos + rows).to(tl.int64)
     mask = row_ok[:, None] & dim_ok[None, :]
     q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=mask, other=0.0)
     gate = tl.load(gate_ptr + tokens * stride_gt + head * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
-    dout = tl.load(dout_ptr + tokens[:, None] * stride_dt + head * stride_dh + dims[None, :], mask=mask, other=0.0)
+    dout = tl.load(dout_ptr + tokens[:, None] * stride_dt + head * stride_dh + vdims[None, :],
+                   mask=row_ok[:, None] & vdim_ok[None, :], other=0.0)
     do = (dout.to(tl.float32) * gate[:, None]).to(dout.dtype)
     lse = tl.load(lse_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0)
@@ -229,10 +235,11 @@ def _cmp_bwd_dq(
     for n0 in range(0, num_visible, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < num_visible
-        kv_offsets = (cmp_bos + cols).to(tl.int64)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
-        kv_mask = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        blocks = (cmp_bos + cols).to(tl.int64)
+        k = tl.load(k_ptr + blocks[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + blocks[:, None] * stride_vt + kv_head * stride_vh + vdims[None, :],
+                    mask=col_ok[:, None] & vdim_ok[None, :], other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         visible = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
@@ -249,7 +256,8 @@ def _dkv_configs_without_spills(configs, named_args, **kwargs):
     (tools/compile_triton.py, sm_90a); every other pair spilled in some mode, head grouping or
     dtype. Software pipelining (num_stages > 1) of the query loop spilled at every head dim."""
     fits = {32: {(64, 4), (64, 8)}, 64: {(64, 8), (128, 8), (32, 4)}, 128: {(128, 8), (64, 4)}}
-    allowed = fits[min(128, max(32, kwargs["BLOCK_D"]))]
+    # Values of another width: the pairs that fit both (D 32 / Dv 64 spilled at (128, 8)).
+    allowed = fits[min(128, max(32, kwargs["BLOCK_D"]))] & fits[min(128, max(32, kwargs["BLOCK_DV"]))]
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.num_warps) in allowed]
 
 
@@ -258,15 +266,17 @@ def _dkv_configs_without_spills(configs, named_args, **kwargs):
     triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1),
-]), key=["HEAD_DIM", "CAUSAL", "GROUP"], prune_configs_by={"early_config_prune": _dkv_configs_without_spills})
+]), key=["HEAD_DIM", "VALUE_DIM", "CAUSAL", "GROUP"],
+    prune_configs_by={"early_config_prune": _dkv_configs_without_spills})
 @triton.jit
 def _cmp_bwd_dkv(
     q_ptr, k_ptr, v_ptr, dout_ptr, gate_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr, qk_scale, sm_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh, stride_gt, stride_gh, stride_lt, stride_lh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh, stride_gt, stride_gh,
+    stride_lt, stride_lh,
     GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     seq, cmp_bos, num_cmp, start = tile_bounds(tile_seq_ptr, tile_start_ptr, cu_cmp_ptr, tl.program_id(0))
@@ -278,17 +288,20 @@ def _cmp_bwd_dkv(
     col_ok = cols < num_cmp
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
+    vdims = tl.arange(0, BLOCK_DV)
+    vdim_ok = vdims < VALUE_DIM
     # Only the per-row offsets stay live across the loops: a (BLOCK_N, BLOCK_D) int64 offset
     # tile or mask kept for the final stores cost 64+ registers a thread and made ptxas spill.
-    kv_rows = (cmp_bos + cols).to(tl.int64) * stride_kt + kv_head * stride_kh
-    k = tl.load(k_ptr + kv_rows[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-    v = tl.load(v_ptr + kv_rows[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    k_rows = (cmp_bos + cols).to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_rows = (cmp_bos + cols).to(tl.int64) * stride_vt + kv_head * stride_vh
+    k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    v = tl.load(v_ptr + v_rows[:, None] + vdims[None, :], mask=col_ok[:, None] & vdim_ok[None, :], other=0.0)
     if CAUSAL:
         first_row = start * CMP_STRIDE + CMP_BLOCK - 1
     else:
         first_row = 0
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     for g in range(GROUP):
         head = kv_head * GROUP + g
         for m0 in range(first_row, length, BLOCK_M):
@@ -298,7 +311,8 @@ def _cmp_bwd_dkv(
             mask = row_ok[:, None] & dim_ok[None, :]
             q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=mask, other=0.0)
             gate = tl.load(gate_ptr + tokens * stride_gt + head * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
-            dout = tl.load(dout_ptr + tokens[:, None] * stride_dt + head * stride_dh + dims[None, :], mask=mask, other=0.0)
+            dout = tl.load(dout_ptr + tokens[:, None] * stride_dt + head * stride_dh + vdims[None, :],
+                           mask=row_ok[:, None] & vdim_ok[None, :], other=0.0)
             do = (dout.to(tl.float32) * gate[:, None]).to(dout.dtype)
             lse = tl.load(lse_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0) * LOG2E
             delta = tl.load(delta_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0)
@@ -311,10 +325,10 @@ def _cmp_bwd_dkv(
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-    tl.store(dk_ptr + kv_rows[:, None] + dims[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty),
+    tl.store(dk_ptr + k_rows[:, None] + dims[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty),
              mask=col_ok[:, None] & (dims[None, :] < HEAD_DIM))
-    tl.store(dv_ptr + kv_rows[:, None] + dims[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=col_ok[:, None] & (dims[None, :] < HEAD_DIM))
+    tl.store(dv_ptr + v_rows[:, None] + vdims[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=col_ok[:, None] & (vdims[None, :] < VALUE_DIM))
 
 
 def launch_geometry(config, head_dim: int) -> dict:
@@ -332,18 +346,22 @@ def launch_geometry(config, head_dim: int) -> dict:
     )
 
 
-def _meta(q, k_cmp, config):
+def _meta(q, k_cmp, config, v_cmp=None):
+    """Constexprs of the launches; with v_cmp also its width (the value dim may differ from q's)."""
     _, heads, dim = q.shape
-    return dict(GROUP=heads // k_cmp.shape[1], CMP_BLOCK=config.block, CMP_STRIDE=config.stride,
+    meta = dict(GROUP=heads // k_cmp.shape[1], CMP_BLOCK=config.block, CMP_STRIDE=config.stride,
                 CAUSAL=config.causal, HEAD_DIM=dim, BLOCK_D=max(16, next_power_of_2(dim)),
                 PRECISION=dot_precision(q.dtype))
+    if v_cmp is not None:
+        meta.update(VALUE_DIM=v_cmp.shape[-1], BLOCK_DV=max(16, next_power_of_2(v_cmp.shape[-1])))
+    return meta
 
 
 def cmp_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config):
-    """o_cmp (T_total, H, D) in q's dtype and its logsumexp (T_total, H) fp32 (+inf: nothing visible)."""
+    """o_cmp (T_total, H, Dv) in q's dtype and its logsumexp (T_total, H) fp32 (+inf: nothing visible)."""
     total, heads, dim = q.shape
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
-    out = empty(q.shape, q.dtype, q.device)
+    out = empty((total, heads, v_cmp.shape[-1]), q.dtype, q.device)
     lse = empty((total, heads), torch.float32, q.device)
     if total == 0:
         return out, lse
@@ -351,8 +369,8 @@ def cmp_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config):
     tile_seq, tile_start = jagged_tiles(cu_seqlens, BLOCK_M, num_tiles)
     _cmp_fwd[(num_tiles, heads)](
         q, k_cmp, v_cmp, out, lse, tile_seq, tile_start, cu_seqlens, cu_cmp, LOG2E.value / math.sqrt(dim),
-        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), out.stride(0), out.stride(1),
-        lse.stride(0), lse.stride(1), BLOCK_M=BLOCK_M, **_meta(q, k_cmp, config),
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), BLOCK_M=BLOCK_M, **_meta(q, k_cmp, config, v_cmp),
     )
     return out, lse
 
@@ -406,12 +424,13 @@ def cmp_attention_bwd(dout, gate, q, k_cmp, v_cmp, o_cmp, lse, cu_seqlens, cu_cm
     if total == 0:
         return dq, dk_cmp, dv_cmp, dgate
     qk_scale, sm_scale = LOG2E.value / math.sqrt(dim), 1.0 / math.sqrt(dim)
-    meta = _meta(q, k_cmp, config)
+    meta = _meta(q, k_cmp, config, v_cmp)
     num_tiles = max_tiles(total, cu_seqlens.numel() - 1, BLOCK_M)
     tile_seq, tile_start = jagged_tiles(cu_seqlens, BLOCK_M, num_tiles)
     _cmp_bwd_dq[(num_tiles, heads)](
         q, k_cmp, v_cmp, dout, gate, lse, delta, dq, tile_seq, tile_start, cu_seqlens, cu_cmp, qk_scale, sm_scale,
-        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), dout.stride(0), dout.stride(1),
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
+        dout.stride(0), dout.stride(1),
         gate.stride(0), gate.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
         BLOCK_M=BLOCK_M, **meta,
     )
@@ -423,7 +442,8 @@ def cmp_attention_bwd(dout, gate, q, k_cmp, v_cmp, o_cmp, lse, cu_seqlens, cu_cm
         _cmp_bwd_dkv[(num_tiles, kv_heads)](
             q, k_cmp, v_cmp, dout, gate, lse, delta, dk_cmp, dv_cmp, tile_seq, tile_start, cu_seqlens, cu_cmp,
             qk_scale, sm_scale,
-            q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), dout.stride(0), dout.stride(1),
+            q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
+            dout.stride(0), dout.stride(1),
             gate.stride(0), gate.stride(1), lse.stride(0), lse.stride(1),
             BLOCK_N=block_n, **meta,
         )

@@ -12,15 +12,15 @@ Interface (called by sparserec.ops.triton_backend):
     dq, dk, dv, dgates = sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask,
                                               cu_seqlens, config, branches, lse)
 
-  q (T_total, H, D); k, v (T_total, Hkv, D) with H % Hkv == 0; gates (T_total, H, 4), of which
+  q (T_total, H, D); k (T_total, Hkv, D), v (T_total, Hkv, Dv) with H % Hkv == 0; gates (T_total, H, 4), of which
   channels 1, 2, 3 = (slc, jrn, win) are used (channel 0, cmp, is not read); selection
   (T_total, Hkv, top_n) integer: each token's selection tile's blocks, sequence-local, -1
   padded, shared by the config.select_q_block tokens of an aligned tile; anchor_mask (T_total,)
   bool; cu_seqlens (B+1,) integer offsets. Any strides; all on one device.
-  out (T_total, H, D) in q's dtype.
+  out (T_total, H, Dv) in q's dtype (Dv may differ from D: extra value columns of the same P·V).
   lse (3, H, T_total) fp32: per branch (slc, jrn, win) the natural-log logsumexp of the scaled
   scores, +inf where a query sees no key in that branch (its output is 0).
-  branches (3, T_total, H, D) in q's dtype: o_slc, o_jrn, o_win, stored only when
+  branches (3, T_total, H, Dv) in q's dtype: o_slc, o_jrn, o_win, stored only when
   store_branches=True (the backward reads them), else None.
   dq, dk, dv like q, k, v; dgates (T_total, H, 3) in gates' dtype: d/d(g_slc, g_jrn, g_win).
   Optional block_m / block_n override the tile sizes (tests use them to force many tiles).
@@ -55,26 +55,29 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return size
 
 
-def launch_geometry(config, head_dim: int, block_m=None, block_n=None) -> dict:
+def launch_geometry(config, head_dim: int, block_m=None, block_n=None, value_dim=None) -> dict:
     """Tile sizes and warps of this module's launches for a JSA config: block_m query rows per
     program and block_n keys per chunk of the query-major walk; dkv_block_n keys per program and
-    dkv_block_m query rows per step of the key-major (dk, dv) kernels; block_d padded head dim.
-    sparserec.flops counts executed FLOPs from them.
+    dkv_block_m query rows per step of the key-major (dk, dv) kernels; block_d, block_dv padded
+    head dims of q/k and of v (value_dim, default head_dim). sparserec.flops counts executed FLOPs
+    from them.
 
     Query tiles divide select_q_block when they can, so a tile reads one selection; key chunks
     divide select_block when they can, so a chunk lies in one selection block.
     """
+    value_dim = value_dim or head_dim
+    width = max(head_dim, value_dim)  # register pressure follows the wider of the two
     block_m = block_m or _pow2_divisor(config.select_q_block, 64)
-    block_n = block_n or _pow2_divisor(config.select_block, 64 if head_dim <= 64 else 32)
+    block_n = block_n or _pow2_divisor(config.select_block, 64 if width <= 64 else 32)
     # Head dim > 64: with 4 warps the fp32 accumulators plus the q/do and k/v tiles need more
     # than 255 registers a thread and ptxas spills (tools/compile_triton.py); 8 warps halve that.
-    num_warps = 4 if head_dim <= 64 else 8
+    num_warps = 4 if width <= 64 else 8
     # The key-major kernels also hold fp32 dk, dv: 64-key chunks spilled at head dim 64 (4 and 8
     # warps), 64-row query steps at head dim 128 (8 warps).
-    dkv_block_n = block_n if head_dim <= 32 else min(block_n, 32)
-    dkv_block_m = block_m if head_dim <= 64 else min(block_m, 32)
+    dkv_block_n = block_n if width <= 32 else min(block_n, 32)
+    dkv_block_m = block_m if width <= 64 else min(block_m, 32)
     return dict(block_m=block_m, block_n=block_n, dkv_block_m=dkv_block_m, dkv_block_n=dkv_block_n,
-                block_d=next_power_of_2(head_dim), num_warps=num_warps)
+                block_d=next_power_of_2(head_dim), block_dv=next_power_of_2(value_dim), num_warps=num_warps)
 
 
 def _anchor_prefix(anchor_mask: torch.Tensor) -> torch.Tensor:
@@ -155,7 +158,7 @@ def _query_step(acc, m_i, l_i, q, do, lse2, delta, gate, k, v, visible, qk_scale
 @triton.jit
 def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList, AnchorPrefix,
                  stride_kt, stride_kd, stride_vt, stride_vd, stride_st, stride_sn,
-                 seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, qk_scale,
+                 seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, offs_dv, dv_ok, qk_scale,
                  BRANCH: tl.constexpr, BACKWARD: tl.constexpr, CAUSAL: tl.constexpr,
                  TOP_N: tl.constexpr, SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr,
                  WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -175,7 +178,7 @@ def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList,
                     cols = start + tl.arange(0, BLOCK_N)
                     col_ok = cols < hi
                     k = _load_rows(K, seq_start + cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
-                    v = _load_rows(V, seq_start + cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
+                    v = _load_rows(V, seq_start + cols, col_ok, stride_vt, offs_dv, dv_ok, stride_vd)
                     visible = in_tile[:, None] & col_ok[None, :]
                     if CAUSAL:
                         visible = visible & (cols[None, :] <= rows[:, None])
@@ -192,7 +195,7 @@ def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList,
             col_ok = index < last
             token = tl.load(AnchorList + index, mask=col_ok, other=0)
             k = _load_rows(K, token, col_ok, stride_kt, offs_d, d_ok, stride_kd)
-            v = _load_rows(V, token, col_ok, stride_vt, offs_d, d_ok, stride_vd)
+            v = _load_rows(V, token, col_ok, stride_vt, offs_dv, dv_ok, stride_vd)
             visible = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
                 visible = visible & ((token - seq_start)[None, :] <= rows[:, None])
@@ -208,7 +211,7 @@ def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList,
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < hi
             k = _load_rows(K, seq_start + cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
-            v = _load_rows(V, seq_start + cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
+            v = _load_rows(V, seq_start + cols, col_ok, stride_vt, offs_dv, dv_ok, stride_vd)
             offset = rows[:, None] - cols[None, :]
             visible = row_ok[:, None] & col_ok[None, :] & (offset < WINDOW)
             if CAUSAL:
@@ -229,10 +232,11 @@ def _query_major_kernel(
     stride_st, stride_sh, stride_sn, stride_ot, stride_oh, stride_od,
     stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc,
     total_tokens, num_heads, qk_scale, sm_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, TOP_N: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, TOP_N: tl.constexpr,
     SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
     CAUSAL: tl.constexpr, BACKWARD: tl.constexpr, STORE_BRANCHES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Forward (Out = gated output, Lse, Branches) or, with BACKWARD, dq (Out), Delta, DGates.
 
@@ -249,6 +253,8 @@ def _query_major_kernel(
     rows_global = (seq_start + rows).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < VALUE_DIM
     kv_head = h // GROUP
     K += kv_head * stride_kh
     V += kv_head * stride_vh
@@ -256,20 +262,21 @@ def _query_major_kernel(
 
     q = _load_rows(Q + h * stride_qh, rows_global, row_ok, stride_qt, offs_d, d_ok, stride_qd)
     if BACKWARD:
-        do = _load_rows(DO + h * stride_doh, rows_global, row_ok, stride_dot, offs_d, d_ok,
+        do = _load_rows(DO + h * stride_doh, rows_global, row_ok, stride_dot, offs_dv, dv_ok,
                         stride_dod)
+        total = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # dq
     else:
         do = q
-    total = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # gated output, or dq
+        total = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)  # gated output
     for branch in tl.static_range(3):
         stat = (branch * num_heads + h).to(tl.int64) * total_tokens + rows_global
         gate = tl.load(G + rows_global * stride_gt + h * stride_gh + (1 + branch) * stride_gc,
                        mask=row_ok, other=0.0).to(tl.float32)
         # Tile-sized pointers and masks are formed where used: live across a walk they spill.
-        branch_rows = ((branch * total_tokens + rows_global) * num_heads + h) * HEAD_DIM
+        branch_rows = ((branch * total_tokens + rows_global) * num_heads + h) * VALUE_DIM
         if BACKWARD:
-            o_branch = tl.load(Branches + branch_rows[:, None] + offs_d[None, :],
-                               mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            o_branch = tl.load(Branches + branch_rows[:, None] + offs_dv[None, :],
+                               mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
             dgate = tl.sum(do.to(tl.float32) * o_branch, 1)
             delta = gate * dgate
             tl.store(DGates + rows_global * stride_dgt + h * stride_dgh + branch * stride_dgc,
@@ -279,33 +286,35 @@ def _query_major_kernel(
             total, _, _ = _walk_branch(
                 total, lse2, lse2, q, do, lse2, delta, gate, K, V, Sel, AnchorList, AnchorPrefix,
                 stride_kt, stride_kd, stride_vt, stride_vd, stride_st, stride_sn,
-                seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, qk_scale,
-                branch, BACKWARD, CAUSAL, TOP_N, SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW, BLOCK_N,
-                PRECISION)
+                seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, offs_dv, dv_ok,
+                qk_scale, branch, BACKWARD, CAUSAL, TOP_N, SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW,
+                BLOCK_N, PRECISION)
         else:
-            acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
             m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
             acc, m_i, l_i = _walk_branch(
                 acc, m_i, l_i, q, do, m_i, l_i, gate, K, V, Sel, AnchorList, AnchorPrefix,
                 stride_kt, stride_kd, stride_vt, stride_vd, stride_st, stride_sn,
-                seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, qk_scale,
-                branch, BACKWARD, CAUSAL, TOP_N, SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW, BLOCK_N,
-                PRECISION)
+                seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, offs_dv, dv_ok,
+                qk_scale, branch, BACKWARD, CAUSAL, TOP_N, SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW,
+                BLOCK_N, PRECISION)
             seen = l_i > 0.0
             l_safe = tl.where(seen, l_i, 1.0)
             o_branch = acc / l_safe[:, None]
             tl.store(Lse + stat, tl.where(seen, (m_i + tl.log2(l_safe)) / LOG2E, float("inf")),
                      mask=row_ok)
             if STORE_BRANCHES:
-                tl.store(Branches + branch_rows[:, None] + offs_d[None, :],
-                         o_branch.to(Branches.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+                tl.store(Branches + branch_rows[:, None] + offs_dv[None, :],
+                         o_branch.to(Branches.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
             total += gate[:, None] * o_branch
     if BACKWARD:
         total *= sm_scale
-    out_ptrs = (Out + rows_global[:, None] * stride_ot + h * stride_oh
-                + offs_d[None, :] * stride_od)
-    tl.store(out_ptrs, total.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(Out + rows_global[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
+                 total.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(Out + rows_global[:, None] * stride_ot + h * stride_oh + offs_dv[None, :] * stride_od,
+                 total.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,12 +324,12 @@ def _query_major_kernel(
 
 @triton.jit
 def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, rows, row_ok, h, branch,
-              offs_d, d_ok, stride_qt, stride_qd, stride_dot, stride_dod, stride_gt, stride_gc,
+              offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot, stride_dod, stride_gt, stride_gc,
               total_tokens, num_heads, qk_scale, PRECISION: tl.constexpr):
     """dk, dv of a key chunk from one chunk of query rows (global `rows`) of head h
     (Q, DO, G already at head h)."""
     q = _load_rows(Q, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
-    do = _load_rows(DO, rows, row_ok, stride_dot, offs_d, d_ok, stride_dod)
+    do = _load_rows(DO, rows, row_ok, stride_dot, offs_dv, dv_ok, stride_dod)
     stat = (branch * num_heads + h).to(tl.int64) * total_tokens + rows
     lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
@@ -343,8 +352,9 @@ def _anchor_dkdv_kernel(
     stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
     stride_dot, stride_doh, stride_dod,
     total_tokens, num_heads, num_kv_heads, qk_scale, sm_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """jrn part of dk/dv for BLOCK_N consecutive anchors of a sequence and one kv head, stored
     in fp32 by anchor rank: DKAnchor[rank, kv head]."""
@@ -363,10 +373,12 @@ def _anchor_dkdv_kernel(
     cols = token - seq_start
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < VALUE_DIM
     k = _load_rows(K + g * stride_kh, token, col_ok, stride_kt, offs_d, d_ok, stride_kd)
-    v = _load_rows(V + g * stride_vh, token, col_ok, stride_vt, offs_d, d_ok, stride_vd)
+    v = _load_rows(V + g * stride_vh, token, col_ok, stride_vt, offs_dv, dv_ok, stride_vd)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     if CAUSAL:
         q_lo = tl.load(AnchorList + first) - seq_start  # anchors ascend: the chunk's earliest
     else:
@@ -381,12 +393,13 @@ def _anchor_dkdv_kernel(
                 visible = visible & (cols[None, :] <= rows[:, None])
             dk, dv = _key_step(dk, dv, k, v, visible, Q + h * stride_qh, DO + h * stride_doh,
                                Lse, Delta, G + h * stride_gh, seq_start + rows, row_ok, h, 1,
-                               offs_d, d_ok, stride_qt, stride_qd, stride_dot, stride_dod,
+                               offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot, stride_dod,
                                stride_gt, stride_gc, total_tokens, num_heads, qk_scale, PRECISION)
-    ptrs = ((index.to(tl.int64) * num_kv_heads + g) * HEAD_DIM)[:, None] + offs_d[None, :]
-    mask = col_ok[:, None] & d_ok[None, :]
-    tl.store(DKAnchor + ptrs, dk * sm_scale, mask=mask)
-    tl.store(DVAnchor + ptrs, dv, mask=mask)
+    anchor_rows = index.to(tl.int64) * num_kv_heads + g
+    tl.store(DKAnchor + (anchor_rows * HEAD_DIM)[:, None] + offs_d[None, :], dk * sm_scale,
+             mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(DVAnchor + (anchor_rows * VALUE_DIM)[:, None] + offs_dv[None, :], dv,
+             mask=col_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
@@ -398,10 +411,10 @@ def _local_dkdv_kernel(
     stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkh, stride_dkd,
     stride_dvt, stride_dvh, stride_dvd,
     total_tokens, num_heads, num_kv_heads, qk_scale, sm_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SELECT_BLOCK: tl.constexpr,
     SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
     CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dk, dv of BLOCK_N keys (chunk of a selection block) of one kv head: slc from the query
     tiles that selected the block, win from the queries within the window, jrn read from
@@ -421,10 +434,12 @@ def _local_dkdv_kernel(
     keys = (seq_start + cols).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < VALUE_DIM
     k = _load_rows(K + g * stride_kh, keys, col_ok, stride_kt, offs_d, d_ok, stride_kd)
-    v = _load_rows(V + g * stride_vh, keys, col_ok, stride_vt, offs_d, d_ok, stride_vd)
+    v = _load_rows(V + g * stride_vh, keys, col_ok, stride_vt, offs_dv, dv_ok, stride_vd)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     inv_first = tl.load(InvOffsets + block_id * num_kv_heads + g)
     inv_last = tl.load(InvOffsets + block_id * num_kv_heads + g + 1)
     if CAUSAL:
@@ -451,7 +466,7 @@ def _local_dkdv_kernel(
                 if CAUSAL:
                     visible = visible & (cols[None, :] <= rows[:, None])
                 dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse, Delta, Gh,
-                                   seq_start + rows, row_ok, h, 0, offs_d, d_ok,
+                                   seq_start + rows, row_ok, h, 0, offs_d, d_ok, offs_dv, dv_ok,
                                    stride_qt, stride_qd, stride_dot, stride_dod, stride_gt,
                                    stride_gc, total_tokens, num_heads, qk_scale, PRECISION)
         for start in range(win_lo, win_hi, BLOCK_M):  # win
@@ -464,20 +479,20 @@ def _local_dkdv_kernel(
             else:
                 visible = visible & (offset > -WINDOW)
             dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse, Delta, Gh,
-                               seq_start + rows, row_ok, h, 2, offs_d, d_ok,
+                               seq_start + rows, row_ok, h, 2, offs_d, d_ok, offs_dv, dv_ok,
                                stride_qt, stride_qd, stride_dot, stride_dod, stride_gt,
                                stride_gc, total_tokens, num_heads, qk_scale, PRECISION)
     rank = tl.load(AnchorPrefix + keys, mask=col_ok, other=0)
     is_anchor = col_ok & (tl.load(AnchorPrefix + keys + 1, mask=col_ok, other=0) > rank)
-    anchor_ptrs = ((rank.to(tl.int64) * num_kv_heads + g) * HEAD_DIM)[:, None] + offs_d[None, :]
-    anchor_mask = is_anchor[:, None] & d_ok[None, :]
-    dk = dk * sm_scale + tl.load(DKAnchor + anchor_ptrs, mask=anchor_mask, other=0.0)
-    dv += tl.load(DVAnchor + anchor_ptrs, mask=anchor_mask, other=0.0)
-    mask = col_ok[:, None] & d_ok[None, :]
+    anchor_rows = rank.to(tl.int64) * num_kv_heads + g
+    dk = dk * sm_scale + tl.load(DKAnchor + (anchor_rows * HEAD_DIM)[:, None] + offs_d[None, :],
+                                 mask=is_anchor[:, None] & d_ok[None, :], other=0.0)
+    dv += tl.load(DVAnchor + (anchor_rows * VALUE_DIM)[:, None] + offs_dv[None, :],
+                  mask=is_anchor[:, None] & dv_ok[None, :], other=0.0)
     tl.store(DK + keys[:, None] * stride_dkt + g * stride_dkh + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + keys[:, None] * stride_dvt + g * stride_dvh + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=mask)
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(DV + keys[:, None] * stride_dvt + g * stride_dvh + offs_dv[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,12 +518,12 @@ def _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, ls
         *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *selection.stride(),
         *out.stride(), *dout_.stride(), *dgates_.stride(),
         total, heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5,
-        GROUP=heads // k.shape[1], HEAD_DIM=dim, TOP_N=config.top_n,
+        GROUP=heads // k.shape[1], HEAD_DIM=dim, VALUE_DIM=v.shape[-1], TOP_N=config.top_n,
         SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
         WINDOW=config.window, CAUSAL=config.causal, BACKWARD=backward,
         STORE_BRANCHES=branches is not None, BLOCK_M=block_m, BLOCK_N=geometry["block_n"],
-        BLOCK_D=geometry["block_d"], PRECISION=dot_precision(q.dtype), num_warps=geometry["num_warps"],
-        num_stages=2,
+        BLOCK_D=geometry["block_d"], BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype),
+        num_warps=geometry["num_warps"], num_stages=2,
     )
 
 
@@ -516,10 +531,11 @@ def sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens, con
                          store_branches: bool = False, block_m=None, block_n=None):
     """Gated slc + jrn + win attention -> (out, lse, branches or None); see the module doc."""
     total, heads, dim = q.shape
-    geometry = launch_geometry(config, dim, block_m, block_n)
-    out = empty(q.shape, q.dtype, q.device)
+    value_dim = v.shape[-1]
+    geometry = launch_geometry(config, dim, block_m, block_n, value_dim)
+    out = empty((total, heads, value_dim), q.dtype, q.device)
     lse = empty((NUM_BRANCHES, heads, total), torch.float32, q.device)
-    branches = empty((NUM_BRANCHES, total, heads, dim), q.dtype, q.device) if store_branches else None
+    branches = empty((NUM_BRANCHES, total, heads, value_dim), q.dtype, q.device) if store_branches else None
     if total == 0:
         return out, lse, branches
     anchors = (anchor_index(anchor_mask, cu_seqlens)[0], _anchor_prefix(anchor_mask))
@@ -532,9 +548,9 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
                          config, branches, lse, block_m=None, block_n=None):
     """-> (dq, dk, dv, dgates (T_total, H, 3)); `branches` and `lse` come from the forward."""
     total, heads, dim = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, value_dim = k.shape[1], v.shape[-1]
     batch = cu_seqlens.shape[0] - 1
-    geometry = launch_geometry(config, dim, block_m, block_n)
+    geometry = launch_geometry(config, dim, block_m, block_n, value_dim)
     block_n = geometry["dkv_block_n"]  # keys per program of the key-major kernels
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
@@ -548,15 +564,16 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     _query_major(q, k, v, gates, selection, (anchor_list, anchor_prefix), cu_seqlens, config,
                  dq, lse, branches, dout, delta, dgates, geometry)
 
-    shared = dict(GROUP=heads // kv_heads, HEAD_DIM=dim, CAUSAL=config.causal, BLOCK_M=geometry["dkv_block_m"],
-                  BLOCK_N=block_n, BLOCK_D=geometry["block_d"], PRECISION=dot_precision(q.dtype),
+    shared = dict(GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=value_dim, CAUSAL=config.causal,
+                  BLOCK_M=geometry["dkv_block_m"], BLOCK_N=block_n, BLOCK_D=geometry["block_d"],
+                  BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype),
                   num_warps=geometry["num_warps"], num_stages=2)
     strides = (*q.stride(), *k.stride(), *v.stride(), *gates.stride(), *dout.stride())
     scalars = (total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5)
 
     # jrn part of dk/dv, fp32, by anchor rank (rows past the anchor count stay unwritten).
     dk_anchor = empty((total, kv_heads, dim), torch.float32, q.device)
-    dv_anchor = empty((total, kv_heads, dim), torch.float32, q.device)
+    dv_anchor = empty((total, kv_heads, value_dim), torch.float32, q.device)
     num_chunks = max_tiles(total, batch, block_n)
     chunk_seq, chunk_start = jagged_tiles(cu_anchor, block_n, num_chunks)
     _anchor_dkdv_kernel[(num_chunks, kv_heads)](

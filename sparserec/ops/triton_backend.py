@@ -8,7 +8,7 @@ Ops (torch.library, each with a fake kernel; the forward ops carry their autogra
       -> (dx, dweight, dpe)                                     [jsa_compress.compress_bwd]
   sparserec::triton_jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp,
                                   *config, store_branches)
-      -> (out, o_cmp, lse_cmp, selection, lse_sparse, branches)
+      -> (out, o_cmp, lse_cmp, selection, lse_sparse, branches)   [v, v_cmp, out, o_cmp: width Dv]
   sparserec::triton_jsa_attention_backward(dout, <inputs>, o_cmp, lse_cmp, selection, lse_sparse,
                                            branches, *config) -> (dq, dk, dv, dk_cmp, dv_cmp, dgates)
 
@@ -114,9 +114,11 @@ def triton_jsa_attention(
 @triton_jsa_attention.register_fake
 def _(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, block, stride, select_block, top_n,
       select_q_block, window, causal, store_branches):
-    total, heads, dim = q.shape
-    branches = q.new_empty(3, total, heads, dim) if store_branches else q.new_empty(0)
-    return (torch.empty_like(q), torch.empty_like(q), q.new_empty(total, heads, dtype=torch.float32),
+    total, heads, _ = q.shape
+    value_dim = v.shape[-1]
+    branches = q.new_empty(3, total, heads, value_dim) if store_branches else q.new_empty(0)
+    return (q.new_empty(total, heads, value_dim), q.new_empty(total, heads, value_dim),
+            q.new_empty(total, heads, dtype=torch.float32),
             q.new_empty(total, k.shape[1], top_n, dtype=torch.int32),
             q.new_empty(3, heads, total, dtype=torch.float32), branches)
 
@@ -167,9 +169,6 @@ triton_jsa_attention.register_autograd(_attention_backward, setup_context=_atten
 def attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config: JSAConfig,
               return_selection: bool = False):
     """Backend entry of `sparserec.ops.jsa_attention` -> (T_total, H, D) [and the selection]."""
-    if v.shape[-1] != q.shape[-1]:
-        raise ValueError(f"the triton backend needs v's head dim equal to q's ({q.shape[-1]}), got {v.shape[-1]}; "
-                         "backends 'cpp' (CPU), 'cuda' and 'reference' take a different value width")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_cmp, v_cmp, gates))
     out, _, _, selection, _, _ = triton_jsa_attention(
         q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, *_config_args(config), needs_grad)
