@@ -20,8 +20,8 @@ def jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp,
 
     q (T_total, H, D); k (T_total, Hkv, D); v (T_total, Hkv, Dv); k_cmp, v_cmp, cu_cmp from
     `jsa_compress`; gates (T_total, H, 4) in [0, 1] ordered (cmp, slc, jrn, win); anchor_mask
-    (T_total,) bool. Dv may differ from D (backends "reference", "cpp" and "cuda"; Triton needs
-    Dv == D): extra value columns, e.g. action embeddings, ride the same softmax.
+    (T_total,) bool. Dv may differ from D (every backend): extra value columns, e.g. action
+    embeddings, ride the same softmax.
     """
     validate.check_jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config)
     return resolve(backend, q.device, q.dtype).attention(
