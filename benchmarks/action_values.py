@@ -1,7 +1,8 @@
 """Cost of a second value stream through the same softmax (issue 11: AttnLFA's pooled actions).
 
 A fused second value stream is `Da` extra value columns: v (T, Hkv, D + Da) and v_cmp likewise, so
-one softmax pools both (sparserec.ops.jsa_attention with a value width other than the key width).
+one softmax pools both (sparserec.ops.jsa_attention with a value width other than the key width); the
+extra columns have their own compressor (a Da x Da map per block offset), as a model would give them.
 This times the fused C++ JSA kernels (`cpp`, compression of K and V included) and dense SDPA with
 value width D + Da against the same call with width D, on the same inputs, candidates interleaved,
 median of --repeats after one warm-up: cost = time(D + Da) / time(D) - 1.
@@ -25,25 +26,40 @@ from sparserec.ops import fused_cpu  # noqa: E402
 
 
 def widen(case, extra: int, seed: int = 1):
-    """The case with `extra` random value columns appended to v and a matching V compressor."""
-    if extra == 0:
-        return case
+    """The case with `extra` random value columns appended to v, compressed by their own compressor."""
     gen = torch.Generator().manual_seed(seed)
     total, heads, dim = case["v"].shape
-    width = dim + extra
     block = case["config"].block
-    wide = dict(case)
-    wide["v"] = torch.cat([case["v"], torch.randn(total, heads, extra, generator=gen)], dim=-1)
-    wide["weights"] = [case["weights"][0],
-                       torch.randn(heads, block, width, width, generator=gen) * (block * width) ** -0.5]
-    wide["pes"] = [case["pes"][0], torch.randn(heads, block, width, generator=gen) * 0.1]
-    return wide
+    return dict(case, v=torch.cat([case["v"], torch.randn(total, heads, extra, generator=gen)], dim=-1),
+                extra_weight=torch.randn(heads, block, extra, extra, generator=gen) * (block * extra) ** -0.5,
+                extra_pe=torch.randn(heads, block, extra, generator=gen) * 0.1)
+
+
+def wide_jsa_step(case, backward: bool):
+    """As cpu_attention.jsa_step, with v_cmp = [compress(v[..., :D]) | compress(v[..., D:])]."""
+    leaves = [case[name].clone().requires_grad_(backward) for name in ("q", "k", "v", "gates")]
+    weights = [w.clone().requires_grad_(backward) for w in (*case["weights"], case["extra_weight"])]
+    pes = (*case["pes"], case["extra_pe"])
+    dim = case["k"].shape[-1]
+
+    def run():
+        q, k, v, gates = leaves
+        config, cu = case["config"], case["cu_seqlens"]
+        k_cmp, cu_cmp = fused_cpu.compress(k, weights[0], pes[0], cu, config.block, config.stride)
+        v_cmp = torch.cat([fused_cpu.compress(part, weight, pe, cu, config.block, config.stride)[0]
+                           for part, weight, pe in ((v[..., :dim], weights[1], pes[1]),
+                                                    (v[..., dim:], weights[2], pes[2]))], dim=-1)
+        out = fused_cpu.attention(q, k, v, k_cmp, v_cmp, gates, case["anchors"], cu, cu_cmp, config=config)
+        if backward:
+            out.backward(torch.ones_like(out))
+        return out
+    return run
 
 
 def measure(case, extra: int, backward: bool, repeats: int) -> dict:
     wide = widen(case, extra)
     steps = {("JSA-cpp", 0): bench.jsa_step(case, fused_cpu.compress, fused_cpu.attention, backward),
-             ("JSA-cpp", extra): bench.jsa_step(wide, fused_cpu.compress, fused_cpu.attention, backward),
+             ("JSA-cpp", extra): wide_jsa_step(wide, backward),
              ("SDPA", 0): bench.sdpa_step(case, backward), ("SDPA", extra): bench.sdpa_step(wide, backward)}
     return bench.time_interleaved(steps, repeats)
 
