@@ -11,6 +11,8 @@ way, so the share of the step that the attention choice can change is visible.
 
   python benchmarks/grace_step.py                                  # Taobao sample and Amazon Beauty, 1 and 2 threads
   python benchmarks/grace_step.py --datasets embedded --threads 1  # quicker
+  PYTHONPATH=/path/to/older/checkout python benchmarks/grace_step.py --step-only --datasets amazon-beauty \
+      --threads 1 --cache /tmp/older-cache   # the JSA step of another commit, to compare
 
 Outputs grace_step.md and .csv under --out, stamped with the CPU, torch version and commit.
 """
@@ -25,12 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from cpu_attention import stamp  # noqa: E402
-from sparserec.models import GRACE  # noqa: E402
-from sparserec.pipeline import build_model, prepare  # noqa: E402
-from sparserec.tokenize import TokenizerConfig  # noqa: E402
-from sparserec.train.examples import DEFAULT_MAX_INTERACTIONS, GRACEExamples, grace_loss  # noqa: E402
+from sparserec.models import GRACE
+from sparserec.pipeline import build_model, prepare
+from sparserec.tokenize import TokenizerConfig
+from sparserec.train.examples import DEFAULT_MAX_INTERACTIONS, GRACEExamples, grace_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,11 +80,14 @@ def step_functions(model, batch):
     return {"step": train_step, "encoder fwd": encode, "encoder fwd+bwd": encode_backward}
 
 
-def measure(models, batches, repeats: int) -> dict:
+MEASURED = ("step", "encoder fwd", "encoder fwd+bwd")
+
+
+def measure(models, batches, repeats: int, measured=MEASURED) -> dict:
     """{(what, candidate): median ms} over repeats x batches, candidates interleaved."""
     functions = {name: [step_functions(model, batch) for batch in batches] for name, model in models.items()}
     times = {}
-    for what in ("step", "encoder fwd", "encoder fwd+bwd"):
+    for what in measured:
         for per_batch in functions.values():
             per_batch[0][what]()  # warm-up
         for _ in range(repeats):
@@ -105,24 +108,30 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "sparserec"), help="tokenizer cache folder")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--step-only", action="store_true",
+                        help="time only the JSA model's training step and print it, no files: this runs against "
+                             "older checkouts too (PYTHONPATH=<checkout>), to compare commits")
     args = parser.parse_args()
     datasets = [name for name in args.datasets.split(",") if name]
     threads = [int(value) for value in args.threads.split(",")]
     if not datasets or any(t < 1 for t in threads) or min(args.batches, args.batch_size, args.repeats) < 1:
         parser.error("need at least one dataset, thread counts >= 1, and positive --batches/--batch-size/--repeats")
-    args.out.mkdir(parents=True, exist_ok=True)
-
     rows = []
     for dataset in datasets:
         prepared = prepare(dataset, tokenizer_config=TokenizerConfig.fast(), cache_dir=args.cache, progress=False)
         torch.manual_seed(0)
-        models = make_models(prepared)
+        models = {"JSA": build_model("grace", prepared).train()} if args.step_only else make_models(prepared)
         batches = make_batches(prepared, args.batches, args.batch_size)
         tokens = statistics.mean(int(b["cu_seqlens"][-1]) / (len(b["cu_seqlens"]) - 1) for b in batches)
         for count in threads:
             torch.set_num_threads(count)
+            if args.step_only:
+                step_ms = measure(models, batches, args.repeats, measured=("step",))[("step", "JSA")]
+                print(f"{dataset}, {count} thread(s): JSA training step {step_ms:.1f} ms (median), "
+                      f"{tokens:.1f} tokens/history, {prepared.tokenizer.tokens_per_interaction} tokens/interaction")
+                continue
             medians = measure(models, batches, args.repeats)
-            for what in ("step", "encoder fwd", "encoder fwd+bwd"):
+            for what in MEASURED:
                 jsa, dense, plain = (medians[(what, name)] for name in models)
                 rows.append({"dataset": dataset, "tokens_per_history": round(tokens, 1), "threads": count,
                              "what": what, "dense_ms": round(dense, 1), "jsa_ms": round(jsa, 1),
@@ -130,10 +139,16 @@ def main():
                              "speedup_vs_no_attn_dropout": round(plain / jsa, 3)})
                 print(rows[-1], flush=True)
 
+    if args.step_only:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "grace_step.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cpu_attention import stamp  # here: it imports the fused kernels, which --step-only's older checkouts lack
+
     info = stamp()
     lines = [f"Device: {info['device']}; torch {info['torch']}; commit {info['commit']}; `{info['command']}`.",
              f"GRACE `sparserec train` defaults, batch {args.batch_size}, {args.batches} fixed training batches x "
