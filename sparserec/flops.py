@@ -88,11 +88,12 @@ def _max_selection_pairs(length: int, config: JSAConfig) -> int:
 
 
 def jsa_flops(lengths, config: JSAConfig, heads: int, head_dim: int, kv_heads=None,
-              anchor_mask=None, selection=None) -> JSAFlops:
+              anchor_mask=None, selection=None, value_dim=None) -> JSAFlops:
     """FLOPs of JSA over sequences of the given lengths.
 
     lengths: sequence lengths (ints or a 1-D tensor). anchor_mask: packed (sum(lengths),) bool,
     or None for no anchors. selection: packed (sum(lengths), Hkv, top_n) for an exact slc count.
+    value_dim: the width of v (default head_dim): a query-key pair costs 2·D (score) + 2·Dv (P·V).
     """
     kv_heads = kv_heads or heads
     if heads % kv_heads:
@@ -105,7 +106,8 @@ def jsa_flops(lengths, config: JSAConfig, heads: int, head_dim: int, kv_heads=No
         if tensor is not None and tensor.shape[0] != total:
             raise ValueError(f"{name} must have one row per token ({total}), got {tensor.shape[0]}")
     group = heads // kv_heads
-    per_pair = 4 * head_dim
+    value_dim = value_dim or head_dim
+    per_pair = 2 * head_dim + 2 * value_dim
     result = JSAFlops(slc_exact=selection is not None)
     offset = 0
     for length in lengths:
@@ -123,7 +125,7 @@ def jsa_flops(lengths, config: JSAConfig, heads: int, head_dim: int, kv_heads=No
         for branch, count in pairs.items():
             result.branches[branch] += per_pair * count
         num_cmp = num_compressed_blocks(length, config.block, config.stride)
-        result.compress += 2 * kv_heads * num_cmp * 2 * config.block * head_dim * head_dim
+        result.compress += kv_heads * num_cmp * 2 * config.block * (head_dim * head_dim + value_dim * value_dim)
         dense_pairs = length * (length + 1) // 2 if config.causal else length * length
         result.dense += per_pair * heads * dense_pairs
     return result

@@ -55,6 +55,12 @@ def test_dense_and_compression_formulas():
     assert flops.compress == 2 * 8 * num_blocks * 2 * 32 * 64 * 64
     assert flops.useful == sum(flops.branches.values()) + flops.compress
     assert flops.savings == flops.dense / flops.useful
+    # Values 16 wider than the keys: each pair's P·V and the V compression grow, the scores do not.
+    wide = jsa_flops([512], config, heads=8, head_dim=64, value_dim=80)
+    assert wide.dense == (2 * 64 + 2 * 80) * 8 * 512 * 512
+    assert wide.compress == 8 * num_blocks * 2 * 32 * (64 * 64 + 80 * 80)
+    for branch, count in flops.branches.items():
+        assert wide.branches[branch] == count // (4 * 64) * (2 * 64 + 2 * 80)
 
 
 def test_upper_bound_is_reached_by_some_selection():
