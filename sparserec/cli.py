@@ -417,6 +417,9 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
+    if runs.read_run(args.run).get("model") == "gr":
+        raise ValueError(f"{args.run} holds a --model gr run, which `train` evaluates: its test metrics are in "
+                         f"{os.path.join(args.run, runs.METRICS_FILE)}")
     if args.exhaustive and (runs.read_run(args.run).get("model_config") or {}).get("think"):
         raise ValueError("--exhaustive scores paths without the thinking steps; this run thinks (--think): "
                          "evaluate it by beam search")

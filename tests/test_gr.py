@@ -283,3 +283,5 @@ def test_cli_trains_and_reports_interleaving_doubles_tokens(capsys, tmp_path):
     assert "action prediction on " in printed and "next item at the test row (40 users" in printed
     assert per_fusion["interleave"]["tokens_per_step"] == pytest.approx(2 * per_fusion["lfa"]["tokens_per_step"])
     assert per_fusion["lfa"]["steps"] == 2 and per_fusion["lfa"]["test"]["next_item"]["count"] == 40
+    with pytest.raises(ValueError, match="holds a --model gr run"):
+        cli.cmd_evaluate(cli.parse_args(["evaluate", str(tmp_path / "lfa")]))
