@@ -139,8 +139,8 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda *a: fused_cpu.attention(*a, config=config), args, eps=1e-6, atol=1e-6)
 
 
-# Many short sequences span several of the kernel's chunks (<= 256 blocks); 1,025 tokens is one chunk
-# of 511 blocks; block 5 / stride 3 leaves a partial stride at each block's end.
+# Many short sequences share the kernel's pieces (<= 64 blocks, crossing sequence boundaries); 1,025
+# tokens is 511 blocks in 8 pieces of one sequence; block 5 / stride 3 leaves a partial stride.
 @pytest.mark.parametrize("lengths", [[5, 12], [1, 0, 40], [3], [1025], [(7 * i) % 23 for i in range(70)]])
 @pytest.mark.parametrize("block, stride", [(4, 2), (5, 3)])
 def test_compress_equals_reference_forward_and_backward(poison_outputs, lengths, block, stride):
