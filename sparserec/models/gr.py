@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import JSAConfig
-from ..nn.jsa import LinearCompressor
-from ..ops import jsa_attention
+from ..nn.jsa import LinearCompressor, compressed_jsa, cu_seqlens_of
 from .layers import FeedForward, causal_mask
 
 FUSIONS = ("interleave", "lfa", "mvp")
@@ -138,7 +137,8 @@ class GRAttention(nn.Module):
         k, v, key_anchors = self.keys_values(x, actions, anchors)
         if self.attention == "dense":
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=causal_mask(length, length, x.device),
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=causal_mask(length, length, x.device),
                 dropout_p=self.dropout if self.training else 0.0).transpose(1, 2)
         else:
             out = self._jsa(x, q, k, v, valid, key_anchors)
@@ -149,13 +149,9 @@ class GRAttention(nn.Module):
 
     def _jsa(self, x, q, k, v, valid, anchors):
         """Causal JSA on the packed real tokens of the padded batch (padding comes back as zeros)."""
-        cu_seqlens = F.pad(valid.sum(1).cumsum(0), (1, 0))
-        k, v = k[valid], v[valid]
         gates = torch.sigmoid(self.gate_proj(x[valid])).view(-1, self.heads, 4)
-        k_cmp, cu_cmp = self.k_compress(k, cu_seqlens, self.jsa.block, self.jsa.stride, backend=self.backend)
-        v_cmp, _ = self.v_compress(v, cu_seqlens, self.jsa.block, self.jsa.stride, backend=self.backend)
-        out = jsa_attention(q[valid], k, v, k_cmp, v_cmp, gates, anchors[valid], cu_seqlens, cu_cmp,
-                            config=self.jsa, backend=self.backend)
+        out = compressed_jsa(q[valid], k[valid], v[valid], gates, anchors[valid], cu_seqlens_of(valid), self.k_compress,
+                             self.v_compress, self.jsa, self.backend)
         return out.new_zeros(*valid.shape, *out.shape[1:]).masked_scatter(valid[..., None, None], out)
 
 

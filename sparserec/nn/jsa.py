@@ -11,6 +11,20 @@ from ..ops import jsa_attention, jsa_compress
 COMPRESS_MODES = ("mlp", "linear")
 
 
+def cu_seqlens_of(valid):
+    """Offsets (B+1,) int64 of the real tokens of a padded batch, valid (B, T) bool (real ones first)."""
+    return nn.functional.pad(valid.sum(1).cumsum(0), (1, 0))
+
+
+def compressed_jsa(q, k, v, gates, anchor_mask, cu_seqlens, k_compress, v_compress, config: JSAConfig,
+                   backend: str = "auto"):
+    """JSA over packed tokens whose compressed keys and values come from the learned compressors
+    `k_compress`, `v_compress` (MLPCompressor or LinearCompressor) -> (T_total, H, Dv)."""
+    k_cmp, cu_cmp = k_compress(k, cu_seqlens, config.block, config.stride, backend=backend)
+    v_cmp, _ = v_compress(v, cu_seqlens, config.block, config.stride, backend=backend)
+    return jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config=config, backend=backend)
+
+
 class MLPCompressor(nn.Module):
     """NSA's φ per kv head: the flattened block plus `pe` through Linear(l·D→D), GELU, Linear(D→D).
 
@@ -106,12 +120,10 @@ class JourneySparseAttention(nn.Module):
         k = self.k_proj(x).view(total, kv_heads, dim)
         v = self.v_proj(x).view(total, kv_heads, dim)
         gates = torch.sigmoid(self.gate_proj(x)).view(total, heads, 4)
-        k_cmp, cu_cmp = self.k_compress(k, cu_seqlens, self.config.block, self.config.stride, backend=self.backend)
-        v_cmp, _ = self.v_compress(v, cu_seqlens, self.config.block, self.config.stride, backend=self.backend)
         if anchor_mask is None:
             anchor_mask = torch.zeros(total, dtype=torch.bool, device=x.device)
-        out = jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp,
-                            config=self.config, backend=self.backend)
+        out = compressed_jsa(q, k, v, gates, anchor_mask, cu_seqlens, self.k_compress, self.v_compress, self.config,
+                             self.backend)
         return self.out_proj(out.reshape(total, heads * dim))
 
     def _forward_padded(self, x, key_padding_mask, anchor_mask):
@@ -125,8 +137,7 @@ class JourneySparseAttention(nn.Module):
         valid = torch.ones(batch, length, dtype=torch.bool, device=x.device)
         if key_padding_mask is not None:
             valid = ~key_padding_mask
-        cu_seqlens = torch.zeros(batch + 1, dtype=torch.int64, device=x.device)
-        cu_seqlens[1:] = valid.sum(1).cumsum(0)
+        cu_seqlens = cu_seqlens_of(valid)
         packed_anchors = anchor_mask[valid] if anchor_mask is not None else None
         out = self._forward_packed(x[valid], cu_seqlens, packed_anchors)
         return x.new_zeros(batch, length, embed).masked_scatter(valid[..., None], out)
