@@ -338,7 +338,8 @@ def _train_and_evaluate(args, prepared, saved_run=None):
     results = {args.model: evaluate(model, prepared, test, beam_size=args.beam, mask_history=args.mask_history),
                **baselines(prepared, test, mask_history=args.mask_history)}
     with open(os.path.join(args.out, "metrics.json"), "w") as file:
-        json.dump({"results": results, "train_seconds": train_seconds, "steps": result.step}, file, indent=2)
+        json.dump({"results": results, "train_seconds": train_seconds, "steps": result.step,
+                   "history": result.history}, file, indent=2)
     return model, results, train_seconds
 
 

@@ -242,7 +242,8 @@ class Trainer:
             with torch.no_grad():
                 metrics = self.evaluate_fn(self.model)
             value = metrics[self.config.metric]
-            self.history.append({"step": self.step, **metrics})
+            # CPU seconds of the whole process so far (all threads): learning curves against budget.
+            self.history.append({"step": self.step, "cpu_s": time.process_time(), **metrics})
             if value > self.best_metric:
                 self.best_metric, self.best_step, self.evals_since_best = value, self.step, 0
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
