@@ -26,10 +26,12 @@ from .ops.trie import MAX_PADDED_BEAMS
 from .models import recommend as recommend_items
 from .models.grace import ThinkConfig
 from .models.gr import FUSIONS, GRConfig, GenerativeRanker
+from .models.gram import GRAMConfig
 from .pipeline import (GRACE_PRESETS, MODELS, TRAIN_DEFAULTS, baselines, build_model, evaluate, fit, load_run, prepare,
                        save_run, subsample)
 from .reference.jsa import BRANCHES
 from .tokenize import EMBEDDING_KINDS, TOKENIZER_METHODS, CoBaConfig, TokenizerConfig
+from .tokenize.lexical import LexicalConfig
 from .train import TrainConfig, init_distributed, seed_everything, shutdown_distributed
 from .train.gr import format_ranker_metrics, train_ranker
 
@@ -39,6 +41,9 @@ COBA_OPTIONS = ("coba_window", "coba_steps", "coba_mix", "coba_uniformity", "cob
 # S²GR thinking's options (--think-clusters ...); each maps to the ThinkConfig field after "think_".
 THINK_OPTIONS = ("think_clusters", "think_align_weight", "think_interest_weight", "think_interest_reg",
                  "think_temperature")
+
+# GRAM's options (--gram-c ...), as argparse names (docs/gram.md).
+GRAM_OPTIONS = ("gram_c", "gram_l", "gram_branching", "gram_k", "gram_passages", "gram_sasrec_run")
 
 # The generative ranker of issue 11 (docs/action_fusion.md): its training defaults, where an option is not given.
 GR_TRAIN_DEFAULTS = dict(d_model=64, heads=2, layers=2, steps=300, batch_size=64, lr=1e-3, warmup=30, dropout=0.1,
@@ -132,6 +137,18 @@ def _check_arguments(parser, args) -> None:
     if getattr(args, "beam", None) is not None and args.command in ("train", "evaluate") and args.beam < LARGEST_K:
         fail(f"--beam ({args.beam}) must be at least {LARGEST_K}: the metrics rank the top {LARGEST_K} "
                      "items of the beam")
+    gram_given = [f"--{name.replace('_', '-')}" for name in GRAM_OPTIONS if getattr(args, name, None) is not None]
+    if gram_given and args.model != "gram":
+        fail(f"{', '.join(gram_given)} applies to --model gram only")
+    if args.command == "train" and args.model == "gram":
+        if args.disable_branch:
+            fail("--disable-branch does not apply to --model gram (its encoder is dense)")
+        if _gram_value(args, "gram_k") and args.gram_sasrec_run is None:
+            fail(f"--gram-k {_gram_value(args, 'gram_k')} needs --gram-sasrec-run DIR, a trained SASRec run of the "
+                 "same dataset (its item embeddings give the similar items), or --gram-k 0")
+        if args.gram_sasrec_run is not None and not os.path.isfile(os.path.join(args.gram_sasrec_run, runs.RUN_FILE)):
+            fail(f"--gram-sasrec-run {args.gram_sasrec_run}: no SASRec run there (no {runs.RUN_FILE}); train one with "
+                 "`sparserec train --model sasrec --out DIR`")
     if args.command == "train" and (args.model == "gr") != (args.action_fusion is not None):
         fail("--model gr needs --action-fusion" if args.model == "gr" else "--action-fusion applies to --model gr only")
     if args.command == "train" and args.model == "gr":
@@ -182,8 +199,9 @@ def _dataset_arguments(parser):
 
 
 def _train_arguments(parser):
-    parser.add_argument("--model", choices=MODELS + ("gr",), default="grace",
-                        help="the recommender to train (gr: the causal generative ranker of docs/action_fusion.md)")
+    parser.add_argument("--model", choices=MODELS + ("gr", "gram"), default="grace",
+                        help="the recommender to train (gr: the causal generative ranker of docs/action_fusion.md; "
+                             "gram: GRAM's lexical IDs and late fusion, docs/gram.md)")
     parser.add_argument("--attention", choices=("jsa", "dense"), default="jsa",
                         help="GRACE encoder attention; the gr ranker's causal attention")
     parser.add_argument("--action-fusion", choices=FUSIONS, default=None,
@@ -237,6 +255,21 @@ def _train_arguments(parser):
                         help=f"--think: lambda of lambda*(1 - cos(t_1, sg(v_g))) (default: {ThinkConfig.interest_reg})")
     parser.add_argument("--think-temperature", type=positive_float, default=None,
                         help=f"--think: temperature of both InfoNCE losses (default: {ThinkConfig.temperature})")
+    lexical, gram = LexicalConfig(), GRAMConfig
+    parser.add_argument("--gram-c", type=_int_at_least(2), default=None,
+                        help=f"--model gram: a cluster of at least c items is split further (default: {lexical.max_cluster})")
+    parser.add_argument("--gram-l", type=positive_int, default=None,
+                        help=f"--model gram: the most cluster levels of an ID (default: {lexical.max_depth})")
+    parser.add_argument("--gram-branching", type=_int_at_least(2), default=None,
+                        help=f"--model gram: clusters per k-means split (default: {lexical.branching})")
+    parser.add_argument("--gram-k", type=non_negative_int, default=None,
+                        help=f"--model gram: similar items in each item prompt, from --gram-sasrec-run (0: none; "
+                             f"default: {GRAM_DEFAULT_K})")
+    parser.add_argument("--gram-passages", type=non_negative_int, default=None,
+                        help=f"--model gram: item prompts fused per user (0: the coarse prompt alone; "
+                             f"default: {gram.passages})")
+    parser.add_argument("--gram-sasrec-run", default=None,
+                        help="--model gram: a trained SASRec run directory of the same dataset (the similar items)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, data order and sampling")
     parser.add_argument("--out", default=os.path.join("runs", "latest"), help="run directory to write")
     parser.add_argument("--checkpoint-every", type=non_negative_int, default=100,
@@ -245,6 +278,19 @@ def _train_arguments(parser):
                         help="continue the checkpoint in --out (same options and data only)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run in --out (by default an existing run is refused)")
+
+
+GRAM_DEFAULT_K = 3
+
+
+def _gram_value(args, name: str):
+    """A GRAM option as given, else its default."""
+    value = getattr(args, name, None)
+    if value is not None:
+        return value
+    lexical = LexicalConfig()
+    return {"gram_c": lexical.max_cluster, "gram_l": lexical.max_depth, "gram_branching": lexical.branching,
+            "gram_k": GRAM_DEFAULT_K, "gram_passages": GRAMConfig.passages}.get(name)
 
 
 def _tokenizer_config(args) -> TokenizerConfig:
@@ -257,7 +303,8 @@ def _tokenizer_config(args) -> TokenizerConfig:
 def _prepared(args, progress=True):
     config = _tokenizer_config(args)
     return prepare(args.dataset, args.root, args.max_lines, config, args.cache, cot=not args.no_cot, progress=progress,
-                   tokenize=getattr(args, "model", "grace") != "sasrec", drop_constant=not args.keep_constant_slots)
+                   tokenize=getattr(args, "model", "grace") not in ("sasrec", "gram"),
+                   drop_constant=not args.keep_constant_slots)
 
 
 def _model_defaults(args) -> None:
@@ -276,6 +323,13 @@ def _model_options(args) -> dict:
     if args.model == "sasrec":
         return dict(d_model=args.d_model, num_heads=args.heads, layers=args.layers, dropout=args.dropout,
                     head=args.head)
+    if args.model == "gram":
+        lexical = LexicalConfig(max_cluster=_gram_value(args, "gram_c"), max_depth=_gram_value(args, "gram_l"),
+                                branching=_gram_value(args, "gram_branching"), seed=args.seed)
+        return dict(lexical=lexical, embedding=args.embedding, similar=_gram_value(args, "gram_k"),
+                    sasrec_run=args.gram_sasrec_run, cache_dir=args.cache, passages=_gram_value(args, "gram_passages"),
+                    d_model=args.d_model, num_heads=args.heads, encoder_layers=args.layers, decoder_layers=args.layers,
+                    d_ff=4 * args.d_model, dropout=args.dropout)
     options = dict(GRACE_PRESETS[args.preset]["model"], d_model=args.d_model, num_heads=args.heads,
                    encoder_layers=args.layers, decoder_layers=args.layers, dropout=args.dropout,
                    attention=args.attention, disabled_branches=tuple(args.disable_branch))
@@ -335,7 +389,8 @@ def _train_and_evaluate(args, prepared, saved_run=None):
         return model, None, train_seconds
     save_run(args.out, model, prepared, {**run, "complete": True})
     test = subsample(prepared.split.test, args.test_users)
-    results = {args.model: evaluate(model, prepared, test, beam_size=args.beam, mask_history=args.mask_history),
+    results = {args.model: evaluate(model, prepared, test, beam_size=args.beam, mask_history=args.mask_history,
+                                    item_cache=args.cache if args.model == "gram" else None),
                **baselines(prepared, test, mask_history=args.mask_history)}
     with open(os.path.join(args.out, "metrics.json"), "w") as file:
         json.dump({"results": results, "train_seconds": train_seconds, "steps": result.step,
@@ -405,7 +460,7 @@ def cmd_train(args):
     _check_targets(prepared, prepared.split.valid, "validation", "--valid-users", args.valid_users,
                    tasks=("behavior_specific",))
     _check_targets(prepared, subsample(prepared.split.test, args.test_users), "test", "--test-users", args.test_users,
-                   tasks=("behavior_specific",) if args.model == "sasrec" else None)
+                   tasks=("behavior_specific",) if args.model in ("sasrec", "gram") else None)
     if args.model == "grace" and args.beam > max(prepared.data.num_items, MAX_PADDED_BEAMS):
         raise ValueError(f"--beam {args.beam} is larger than the {prepared.data.num_items} items of {args.dataset} "
                          "(the beam search could not fill it)")

@@ -21,6 +21,7 @@ from .generate import Trie
 from . import runs
 from .models import GRACE, SASRec, GRACEConfig, SASRecConfig
 from .models.grace import ThinkConfig, ThinkingObjective
+from .models.gram import GRAM, GRAMConfig, build_gram, evaluate_gram, gram_examples, gram_loss
 from .tokenize import ItemTokenizer, TokenizerConfig
 from .train import Trainer, TrainConfig
 from .train.examples import DEFAULT_MAX_INTERACTIONS, GRACEExamples, SASRecExamples, grace_loss, sasrec_loss
@@ -36,6 +37,8 @@ TRAIN_DEFAULTS = {
                   dropout=0.1, valid_users=512, schedule="cosine"),
     "sasrec": dict(d_model=128, heads=4, layers=2, steps=5250, batch_size=64, lr=1e-3, warmup=100, eval_every=350,
                    dropout=0.2, valid_users=None, schedule="cosine"),
+    "gram": dict(d_model=128, heads=4, layers=2, steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500,
+                 dropout=0.1, valid_users=512, schedule="cosine"),
 }
 
 # GRACE recipes. "small": the CPU-sized model (2 + 2 layers, d_model 128, 4 heads of 32, d_ff 512,
@@ -96,6 +99,8 @@ def build_model(kind: str, prepared: Prepared, max_history: int = DEFAULT_MAX_IN
         return GRACE(GRACEConfig(vocab_size=tokenizer.vocab.size, **options))
     if think is not None:
         raise ValueError("think applies to GRACE only")
+    if kind == "gram":  # options: build_gram's (lexical, embedding, similar, sasrec_run, cache_dir, GRAMConfig fields)
+        return build_gram(prepared.data, prepared.split.train_end, **options)
     if kind == "sasrec":
         options.setdefault("max_length", DEFAULT_MAX_INTERACTIONS)
         return SASRec(SASRecConfig(num_items=prepared.data.num_items, **options))
@@ -103,7 +108,7 @@ def build_model(kind: str, prepared: Prepared, max_history: int = DEFAULT_MAX_IN
 
 
 def model_kind(model) -> str:
-    return "grace" if isinstance(model, GRACE) else "sasrec"
+    return "grace" if isinstance(model, GRACE) else "gram" if isinstance(model, GRAM) else "sasrec"
 
 
 def subsample(targets: Targets, limit: int | None, seed: int = 0) -> Targets:
@@ -115,11 +120,16 @@ def subsample(targets: Targets, limit: int | None, seed: int = 0) -> Targets:
 
 
 def evaluate(model, prepared: Prepared, targets: Targets | None = None, beam_size: int = 20,
-             progress: bool = True, mask_history: bool = False, exhaustive: bool = False) -> dict:
+             progress: bool = True, mask_history: bool = False, exhaustive: bool = False,
+             item_cache: str | None = None) -> dict:
     """{task: per-behavior metrics} on `targets` (default: the test split) for each of the data's tasks.
     mask_history: rank without the user's past items; exhaustive: GRACE ranks by every item's
-    full-path log-prob instead of beam search (see `sparserec.evaluate`)."""
+    full-path log-prob instead of beam search (see `sparserec.evaluate`); item_cache: GRAM reads its
+    item encodings from an `ItemEncodingCache` in this folder (None: it re-encodes them)."""
     targets = prepared.split.test if targets is None else targets
+    if model_kind(model) == "gram":
+        return {"behavior_specific": evaluate_gram(model, prepared.data, targets, beam_size, progress=progress,
+                                                   mask_history=mask_history, cache_dir=item_cache)}
     if model_kind(model) == "sasrec":
         return {"behavior_specific": evaluate_sasrec(model, prepared.data, targets, mask_history=mask_history)}
     if exhaustive and model.config.think:
@@ -166,6 +176,13 @@ def fit(model, prepared: Prepared, config: TrainConfig, valid_users: int | None 
             return evaluate_grace(trained, prepared.tokenizer, data, valid, "behavior_specific", trie=trie_on_device,
                                   beam_size=beam_size, max_interactions=max_interactions, progress=config.progress,
                                   mask_history=mask_history)["all"]
+    elif model_kind(model) == "gram":
+        examples = gram_examples(model, data, split.train_targets(data))
+        loss_fn = gram_loss
+
+        def evaluate_fn(trained):  # the weights change between validations: item prompts are re-encoded
+            return evaluate_gram(trained, data, valid, beam_size, progress=config.progress,
+                                 mask_history=mask_history)["all"]
     else:
         examples = SASRecExamples(data, split.train_end, model.config.max_length)
         loss_fn = sasrec_loss
@@ -222,6 +239,8 @@ def load_run(directory: str, device=None):
     try:
         if runs.run_field(run, directory, "model") == "grace":
             model = GRACE(GRACEConfig.from_dict(runs.run_field(run, directory, "model_config")))
+        elif run["model"] == "gram":
+            model = GRAM(GRAMConfig(**runs.run_field(run, directory, "model_config")))
         else:
             model = SASRec(SASRecConfig(**runs.run_field(run, directory, "model_config")))
     except (TypeError, KeyError, ValueError) as error:
