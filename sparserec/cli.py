@@ -146,9 +146,6 @@ def _check_arguments(parser, args) -> None:
         if _gram_value(args, "gram_k") and args.gram_sasrec_run is None:
             fail(f"--gram-k {_gram_value(args, 'gram_k')} needs --gram-sasrec-run DIR, a trained SASRec run of the "
                  "same dataset (its item embeddings give the similar items), or --gram-k 0")
-        if args.gram_sasrec_run is not None and not os.path.isfile(os.path.join(args.gram_sasrec_run, runs.RUN_FILE)):
-            fail(f"--gram-sasrec-run {args.gram_sasrec_run}: no SASRec run there (no {runs.RUN_FILE}); train one with "
-                 "`sparserec train --model sasrec --out DIR`")
     if args.command == "train" and (args.model == "gr") != (args.action_fusion is not None):
         fail("--model gr needs --action-fusion" if args.model == "gr" else "--action-fusion applies to --model gr only")
     if args.command == "train" and args.model == "gr":
@@ -448,6 +445,11 @@ def _train_ranker(args):
 
 
 def cmd_train(args):
+    # Here rather than in _check_arguments: the README's commands are parsed where no run exists.
+    if args.model == "gram" and args.gram_sasrec_run is not None and \
+            not os.path.isfile(os.path.join(args.gram_sasrec_run, runs.RUN_FILE)):
+        raise ValueError(f"--gram-sasrec-run {args.gram_sasrec_run}: no SASRec run there (no {runs.RUN_FILE}); train "
+                         "one with `sparserec train --model sasrec --out DIR`")
     _absolute_dataset(args)
     if args.model == "gr":
         return _train_ranker(args)

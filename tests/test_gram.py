@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparserec.cli import parse_args
+from sparserec.cli import main, parse_args
 from sparserec.data import build_interaction_data, default_split
 from sparserec.models.gram import (EOS, GRAM, GRAMConfig, ItemEncodingCache, build_tables, gram_examples, gram_loss,
                                    gram_rankings, item_fields)
@@ -168,7 +168,6 @@ def test_training_step_lowers_the_loss(toy):
     (["--model", "gram", "--gram-k", "-1"], "must be at least 0"),
     (["--model", "gram", "--gram-passages", "x"], "must be an integer"),
     (["--model", "gram", "--gram-k", "2"], "needs --gram-sasrec-run"),
-    (["--model", "gram", "--gram-sasrec-run", "/nonexistent/run"], "no SASRec run there"),
     (["--model", "grace", "--gram-passages", "2"], "applies to --model gram only"),
     (["--model", "gram", "--gram-k", "0", "--disable-branch", "win"], "does not apply to --model gram"),
 ])
@@ -177,6 +176,13 @@ def test_cli_rejects_bad_gram_options(argv, message, capsys):
         parse_args(["train", "--dataset", "amazon-beauty"] + argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_train_refuses_a_missing_sasrec_run_before_any_work(tmp_path, capsys):
+    code = main(["train", "--model", "gram", "--dataset", "amazon-beauty", "--gram-sasrec-run", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and "no SASRec run there" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")  # refused before the run directory was made
 
 
 def test_cli_accepts_gram_options():
