@@ -14,7 +14,9 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(sparserec, m) {
   // Linear block compression (SPEC §1, cmp): out[i] = sum_r (x[i*stride + r] + pe[r]) @ weight[r] per
   // kv head and sequence. x (T_total, Hkv, D), weight (Hkv, block, D, D), pe (Hkv, block, D); cu_cmp
-  // the compressed offsets; num_blocks = cu_cmp[-1] (the output's row count, so shapes need no data).
+  // the compressed offsets; num_blocks >= cu_cmp[-1] is the output's row count, so shapes need no data
+  // (a static bound such as T_total // stride; rows past cu_cmp[-1] are zeros). The attention ops accept
+  // such padded k_cmp / v_cmp and never read the padding.
   m.def(
       "jsa_compress(Tensor x, Tensor weight, Tensor pe, Tensor cu_seqlens, Tensor cu_cmp, int block, int stride, "
       "int num_blocks) -> Tensor");

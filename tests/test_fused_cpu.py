@@ -195,4 +195,4 @@ def test_raw_ops_reject_inconsistent_inputs():
         torch.ops.sparserec.jsa_attention_backward(out, *args, lse, torch.full_like(selection, 99), *cfg)
     with pytest.raises(RuntimeError, match="cu_cmp\\[-1\\]"):
         torch.ops.sparserec.jsa_compress(inputs.k, inputs.weight_k, inputs.pe_k, inputs.cu_seqlens, inputs.cu_cmp,
-                                         4, 2, 1000)
+                                         4, 2, int(inputs.cu_cmp[-1]) - 1)  # fewer rows than blocks

@@ -420,7 +420,8 @@ def cmp_attention_bwd(dout, gate, q, k_cmp, v_cmp, o_cmp, lse, cu_seqlens, cu_cm
     dgate = (dout.float() * o_cmp.float()).sum(-1)
     delta = (gate.float() * dgate).contiguous()
     dq = empty(q.shape, torch.float32, q.device)
-    dk_cmp, dv_cmp = empty(k_cmp.shape, k_cmp.dtype, q.device), empty(v_cmp.shape, v_cmp.dtype, q.device)
+    # Zeros: k_cmp / v_cmp may end in padding rows (past cu_cmp[-1]) that no program owns.
+    dk_cmp, dv_cmp = torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
     if total == 0:
         return dq, dk_cmp, dv_cmp, dgate
     qk_scale, sm_scale = LOG2E.value / math.sqrt(dim), 1.0 / math.sqrt(dim)

@@ -30,9 +30,10 @@ def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block: int, stride: int) -> 
 
 
 def block_starts(cu_seqlens, cu_cmp, num_blocks: int, stride: int) -> torch.Tensor:
-    """Global token index (int32, (num_blocks,)) of each compressed block's first token."""
+    """Global token index (int32, (num_blocks,)) of each compressed block's first token; -1 for the
+    padding rows past cu_cmp[-1] (num_blocks may be a static bound on the block count)."""
     seq, index = enumerate_jagged(cu_cmp[1:] - cu_cmp[:-1], num_blocks)
-    return (cu_seqlens[seq.long()] + index * stride).to(torch.int32)
+    return torch.where(seq >= 0, cu_seqlens[seq.long()] + index * stride, -1).to(torch.int32)
 
 
 def _configs():
@@ -73,15 +74,17 @@ def _compress_fwd(
     row_ok = rows < num_blocks
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    start = tl.load(start_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    start = tl.load(start_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    real = start >= 0  # padding rows (start -1) are written as zeros
     acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
     for r in range(BLOCK):
         x = tl.load(x_ptr + (start + r)[:, None] * stride_xt + head * stride_xh + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+                    mask=real[:, None] & dim_ok[None, :], other=0.0)
         pe = tl.load(pe_ptr + head * stride_ph + r * stride_pr + dims, mask=dim_ok, other=0.0)
         w = tl.load(w_ptr + head * stride_wh + r * stride_wr + dims[:, None] * stride_wd + dims[None, :],
                     mask=dim_ok[:, None] & dim_ok[None, :], other=0.0)
         acc = tl.dot((x + pe[None, :]).to(w.dtype), w, acc, input_precision=PRECISION)
+    acc = tl.where(real[:, None], acc, 0.0)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_ot + head * stride_oh + dims[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
@@ -107,7 +110,8 @@ def _compress_bwd_dw(
     for c0 in range(lo, lo + blocks_per_split, BLOCK_C):
         rows = c0 + tl.arange(0, BLOCK_C)
         row_ok = (rows < lo + blocks_per_split) & (rows < num_blocks)
-        start = tl.load(start_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        start = tl.load(start_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        row_ok = row_ok & (start >= 0)  # padding rows' gradients are ignored
         mask = row_ok[:, None] & dim_ok[None, :]
         x = tl.load(x_ptr + (start + r)[:, None] * stride_xt + head * stride_xh + dims[None, :], mask=mask, other=0.0)
         x = tl.where(mask, x + pe[None, :], 0.0).to(x_ptr.dtype.element_ty)
@@ -161,7 +165,7 @@ def _compress_bwd_dx(
 
 
 def compress_fwd(x, weight, pe, cu_seqlens, cu_cmp, num_blocks: int, block: int, stride: int):
-    """(Tc_total = num_blocks, Hkv, D) compressed keys or values."""
+    """(num_blocks, Hkv, D) compressed keys or values; rows past cu_cmp[-1] are zeros."""
     _, kv_heads, dim = x.shape
     x, weight, pe = x.contiguous(), weight.contiguous(), pe.contiguous()
     out = empty((num_blocks, kv_heads, dim), x.dtype, x.device)
@@ -214,7 +218,8 @@ def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: in
         HEAD_DIM=dim, BLOCK=block, BLOCK_D=block_d, PRECISION=precision,
     )
     dweight = dw.sum(0).to(weight.dtype)
-    dpe = torch.einsum("hrde,he->hrd", weight.float(), dout.float().sum(0)).to(pe.dtype)
+    real_dout = torch.where((starts >= 0)[:, None, None], dout.float(), 0.0)  # padding rows ignored
+    dpe = torch.einsum("hrde,he->hrd", weight.float(), real_dout.sum(0)).to(pe.dtype)
 
     shifts = cdiv(block, stride)
     row_counts = torch.where(cu_cmp[1:] > cu_cmp[:-1], cu_cmp[1:] - cu_cmp[:-1] + shifts - 1, 0)

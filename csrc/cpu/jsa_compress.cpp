@@ -19,9 +19,9 @@ namespace {
 
 constexpr int64_t kPieceBlocks = 64;
 
-// First token of every compressed block, in block order.
-std::vector<int64_t> block_tokens(const std::vector<CompressSeq>& seqs, int64_t num_blocks, int64_t stride) {
-  std::vector<int64_t> tokens(num_blocks);
+// First token of every real compressed block (cu_cmp[-1] of them), in block order.
+std::vector<int64_t> block_tokens(const std::vector<CompressSeq>& seqs, int64_t stride) {
+  std::vector<int64_t> tokens(seqs.empty() ? 0 : seqs.back().block_start + seqs.back().num_blocks);
   for (const CompressSeq& seq : seqs)
     for (int64_t c = 0; c < seq.num_blocks; ++c) tokens[seq.block_start + c] = seq.token_start + c * stride;
   return tokens;
@@ -128,10 +128,13 @@ at::Tensor jsa_compress_cpu(const at::Tensor& x, const at::Tensor& weight, const
   const int64_t heads = x.size(1), dim = x.size(2);
   at::Tensor out = at::empty({num_blocks, heads, dim}, x.options());
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), pc = pe.contiguous();
+  const std::vector<int64_t> tokens = block_tokens(seqs, stride);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "jsa_compress_cpu", [&] {
-    compress_forward<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(),
-                               block_tokens(seqs, num_blocks, stride), heads, dim, block, out.data_ptr<scalar_t>());
+    compress_forward<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), tokens,
+                               heads, dim, block, out.data_ptr<scalar_t>());
   });
+  const int64_t real = static_cast<int64_t>(tokens.size());
+  out.narrow(0, real, num_blocks - real).zero_();  // rows past cu_cmp[-1]: padding of a static row bound
   return out;
 }
 
@@ -151,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jsa_compress_backward_cpu(
   const at::Tensor gc = grad.contiguous(), xc = x.contiguous(), wc = weight.contiguous(), pc = pe.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "jsa_compress_backward_cpu", [&] {
     compress_backward<scalar_t>(gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
-                                pc.data_ptr<scalar_t>(), seqs, block_tokens(seqs, grad.size(0), stride), heads, dim,
+                                pc.data_ptr<scalar_t>(), seqs, block_tokens(seqs, stride), heads, dim,
                                 block, grad_x.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
                                 grad_pe.data_ptr<scalar_t>());
   });

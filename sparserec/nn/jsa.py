@@ -7,6 +7,7 @@ from torch import nn
 from ..config import JSAConfig
 from ..flops import jsa_flops
 from ..ops import jsa_attention, jsa_compress
+from ..reference.jsa import compressed_rows_bound
 
 COMPRESS_MODES = ("mlp", "linear")
 
@@ -19,9 +20,14 @@ def cu_seqlens_of(valid):
 def compressed_jsa(q, k, v, gates, anchor_mask, cu_seqlens, k_compress, v_compress, config: JSAConfig,
                    backend: str = "auto"):
     """JSA over packed tokens whose compressed keys and values come from the learned compressors
-    `k_compress`, `v_compress` (MLPCompressor or LinearCompressor) -> (T_total, H, Dv)."""
-    k_cmp, cu_cmp = k_compress(k, cu_seqlens, config.block, config.stride, backend=backend)
-    v_cmp, _ = v_compress(v, cu_seqlens, config.block, config.stride, backend=backend)
+    `k_compress`, `v_compress` (MLPCompressor or LinearCompressor) -> (T_total, H, Dv).
+
+    The compressed tensors are sized by a static bound (T_total // stride rows, the tail zero-padded),
+    so nothing on this path reads device data: no host sync on a GPU, no graph break under torch.compile.
+    """
+    rows = compressed_rows_bound(q.shape[0], config.stride)
+    k_cmp, cu_cmp = k_compress(k, cu_seqlens, config.block, config.stride, backend=backend, num_blocks=rows)
+    v_cmp, _ = v_compress(v, cu_seqlens, config.block, config.stride, backend=backend, num_blocks=rows)
     return jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config=config, backend=backend)
 
 
@@ -40,11 +46,12 @@ class MLPCompressor(nn.Module):
             for _ in range(kv_heads)
         )
 
-    def forward(self, x, cu_seqlens, block: int, stride: int, backend: str = "auto"):
+    def forward(self, x, cu_seqlens, block: int, stride: int, backend: str = "auto", num_blocks=None):
         dim = x.shape[-1]
         # Linear weight (D_out, l·D_in) -> (l, D_in, D_out) per head, stacked over kv heads.
         first = torch.stack([mlp[0].weight.view(dim, block, dim).permute(1, 2, 0) for mlp in self.heads])
-        hidden, cu_cmp = jsa_compress(x, first, self.pe, cu_seqlens, block, stride, backend=backend)
+        hidden, cu_cmp = jsa_compress(x, first, self.pe, cu_seqlens, block, stride, backend=backend,
+                                      num_blocks=num_blocks)
         hidden = nn.functional.gelu(hidden + torch.stack([mlp[0].bias for mlp in self.heads]))
         second = torch.stack([mlp[2].weight for mlp in self.heads])  # (Hkv, D_out, D_in)
         out = torch.einsum("chi,hoi->cho", hidden, second) + torch.stack([mlp[2].bias for mlp in self.heads])
@@ -59,8 +66,8 @@ class LinearCompressor(nn.Module):
         self.weight = nn.Parameter(torch.randn(kv_heads, block, head_dim, head_dim) / math.sqrt(block * head_dim))
         self.pe = nn.Parameter(torch.zeros(kv_heads, block, head_dim))
 
-    def forward(self, x, cu_seqlens, block: int, stride: int, backend: str = "auto"):
-        return jsa_compress(x, self.weight, self.pe, cu_seqlens, block, stride, backend=backend)
+    def forward(self, x, cu_seqlens, block: int, stride: int, backend: str = "auto", num_blocks=None):
+        return jsa_compress(x, self.weight, self.pe, cu_seqlens, block, stride, backend=backend, num_blocks=num_blocks)
 
 
 class JourneySparseAttention(nn.Module):

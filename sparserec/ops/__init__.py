@@ -1,5 +1,9 @@
 """Public operators: JSA functionals with a backend dispatcher, and the compiled custom ops."""
-from .dispatch import backends
+import importlib
+
+# The built-in backends register with the dispatcher at import, so no call imports (or graph-breaks).
+importlib.import_module(".backends", __name__)
+from .dispatch import backends  # noqa: E402  (after: the public function, not the submodule of that name)
 from .jsa import jsa_attention, jsa_compress
 from .select import jsa_select
 from .trie import trie_beam_step

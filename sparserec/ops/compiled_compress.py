@@ -1,18 +1,19 @@
 """What the compiled compression ops share: their backend entry and their autograd.
 
 Both `sparserec::jsa_compress` (C++, CPU) and `sparserec::triton_jsa_compress` (Triton) take
-(x, weight, pe, cu_seqlens, cu_cmp, block, stride, num_blocks) -> (Tc_total = num_blocks, Hkv, D), and
-their backward ops take (grad, x, weight, pe, cu_seqlens, cu_cmp, block, stride) -> (dx, dweight, dpe).
+(x, weight, pe, cu_seqlens, cu_cmp, block, stride, num_blocks) -> (num_blocks, Hkv, D), where num_blocks >=
+Tc_total = cu_cmp[-1] and the rows past Tc_total are zeros, and their backward ops take (grad, x, weight, pe, cu_seqlens, cu_cmp, block, stride) -> (dx, dweight, dpe).
 """
 import torch
 
 from ..reference.jsa import compressed_cu_seqlens
 
 
-def compress_with(op, x, weight, pe, cu_seqlens, block: int, stride: int):
-    """Backend entry of `sparserec.ops.jsa_compress` over `op`: (Tc_total, Hkv, D), cu_cmp."""
+def compress_with(op, x, weight, pe, cu_seqlens, block: int, stride: int, num_blocks=None):
+    """Backend entry of `sparserec.ops.jsa_compress` over `op`: (num_blocks or Tc_total, Hkv, D), cu_cmp."""
     cu_cmp = compressed_cu_seqlens(cu_seqlens, block, stride)
-    num_blocks = int(cu_cmp[-1])  # the output's row count: compression's one host read (a sync on a GPU)
+    if num_blocks is None:
+        num_blocks = int(cu_cmp[-1])  # the exact row count: a host read (a sync on a GPU)
     return op(x, weight, pe, cu_seqlens, cu_cmp, block, stride, num_blocks), cu_cmp
 
 

@@ -7,7 +7,6 @@ Backends (fastest first per device):
              (sparserec._C, CPU float32/float64 tensors)
   reference  the pure-PyTorch executable spec (any device)
 """
-import importlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -35,10 +34,7 @@ def register_backend(backend: Backend):
 
 
 def _registry():
-    if not _REGISTRY:
-        # By module path: the package attribute `backends` is the function below, not the module.
-        importlib.import_module("sparserec.ops.backends")
-    return _REGISTRY
+    return _REGISTRY  # filled by sparserec.ops.backends, which sparserec.ops imports
 
 
 def backends() -> dict:

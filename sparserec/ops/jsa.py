@@ -4,14 +4,17 @@ from . import validate
 from .dispatch import resolve
 
 
-def jsa_compress(x, weight, pe, cu_seqlens, block: int, stride: int, backend: str = "auto"):
+def jsa_compress(x, weight, pe, cu_seqlens, block: int, stride: int, backend: str = "auto", num_blocks=None):
     """Compress keys (or values) into one vector per block: (Tc_total, Hkv, D), cu_cmp.
 
     x (T_total, Hkv, D); weight (Hkv, block, D, D); pe (Hkv, block, D); cu_seqlens (B+1,).
     Block i of a sequence covers its tokens [i*stride, i*stride + block); only full blocks exist.
+    Tc_total = cu_cmp[-1] depends on the lengths, so finding it reads the device (a sync on a GPU);
+    num_blocks, a bound such as `reference.compressed_rows_bound(T_total, stride)`, sizes the output
+    instead: (num_blocks, Hkv, D) with zero rows past Tc_total, which `jsa_attention` never reads.
     """
-    validate.check_jsa_compress(x, weight, pe, cu_seqlens, block, stride)
-    return resolve(backend, x.device, x.dtype).compress(x, weight, pe, cu_seqlens, block, stride)
+    validate.check_jsa_compress(x, weight, pe, cu_seqlens, block, stride, num_blocks)
+    return resolve(backend, x.device, x.dtype).compress(x, weight, pe, cu_seqlens, block, stride, num_blocks)
 
 
 def jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp,

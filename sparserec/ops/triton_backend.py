@@ -30,9 +30,10 @@ Interface with triton_kernels/jsa_sparse.py (its module docstring is the authori
   lse (3, H, T_total) fp32; branches (3, T_total, H, D), kept only for a backward;
   dgates (T_total, H, 3).
 
-Compression's output size (the number of full blocks) depends on the lengths, so `compress`
-reads it from the device once; callers that know it call the op directly. Its entry and autograd
-are shared with the C++ op (`compiled_compress`).
+Compression's exact output size (the number of full blocks) depends on the lengths: `compress` reads
+it from the device unless the caller passes a static bound (`num_blocks`, e.g. T_total // stride, as
+the module does), in which case the rows past cu_cmp[-1] are zeros and nothing is read. Its entry and
+autograd are shared with the C++ op (`compiled_compress`).
 """
 import torch
 from torch import Tensor
@@ -84,9 +85,9 @@ def _(grad, x, weight, pe, cu_seqlens, cu_cmp, block, stride):
 register_compress_autograd(triton_jsa_compress, triton_jsa_compress_backward)
 
 
-def compress(x, weight, pe, cu_seqlens, block: int, stride: int):
+def compress(x, weight, pe, cu_seqlens, block: int, stride: int, num_blocks=None):
     """Backend entry of `sparserec.ops.jsa_compress`: (Tc_total, Hkv, D), cu_cmp."""
-    return compress_with(triton_jsa_compress, x, weight, pe, cu_seqlens, block, stride)
+    return compress_with(triton_jsa_compress, x, weight, pe, cu_seqlens, block, stride, num_blocks)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,20 +1,26 @@
 """Input checks of the public ops: a clear ValueError/TypeError instead of a crash or a wrong answer.
 
-Shape, dtype and device checks are free. Value checks (cu_seqlens monotone, gates in [0, 1],
-anchor mask) read the data, so they are skipped while torch.compile traces or a CUDA graph is
-being captured, where a host synchronisation is not allowed.
+Shape, dtype and device checks are free. Value checks (cu_seqlens monotone, compressed block
+counts, gates in [0, 1]) read the data on the host: free for CPU tensors, a device synchronisation
+for CUDA tensors. So they run for CPU tensors, and for CUDA tensors only when the environment sets
+SPARSEREC_CHECK_VALUES=1 (debugging; never while a CUDA graph is being captured); never while
+torch.compile traces.
 """
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CHECK_VALUES_ENV = "SPARSEREC_CHECK_VALUES"
 
 
 def _reads_values_allowed(*tensors) -> bool:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or any(t.device.type == "meta" for t in tensors):
         return False
-    if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
-        return False
-    return not any(t.device.type == "meta" for t in tensors)
+    if any(t.device.type != "cpu" for t in tensors):
+        return os.environ.get(CHECK_VALUES_ENV) == "1" and not (
+            any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing())
+    return True
 
 
 def check_tensor(name, x, ndim=None, dtypes=None):
@@ -34,7 +40,9 @@ def check_same_device(**tensors):
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
-def check_cu_seqlens(cu_seqlens, total: int, name: str = "cu_seqlens", items: str = "packed tokens"):
+def check_cu_seqlens(cu_seqlens, total: int, name: str = "cu_seqlens", items: str = "packed tokens",
+                     padded: bool = False):
+    """padded: `total` rows may hold padding after the last sequence (cu_seqlens[-1] <= total)."""
     check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
     if cu_seqlens.numel() < 2:
         raise ValueError(f"{name} must hold at least 2 offsets (one sequence), got {cu_seqlens.numel()}")
@@ -47,11 +55,12 @@ def check_cu_seqlens(cu_seqlens, total: int, name: str = "cu_seqlens", items: st
         if values[i] < values[i - 1]:
             raise ValueError(f"{name} must be non-decreasing, but {name}[{i}]={values[i]} < "
                              f"{name}[{i - 1}]={values[i - 1]}")
-    if values[-1] != total:
-        raise ValueError(f"{name}[-1] ({values[-1]}) must equal the number of {items} ({total})")
+    if values[-1] > total if padded else values[-1] != total:
+        raise ValueError(f"{name}[-1] ({values[-1]}) must {'not exceed' if padded else 'equal'} the number of "
+                         f"{items} ({total})")
 
 
-def check_jsa_compress(x, weight, pe, cu_seqlens, block, stride, name="k"):
+def check_jsa_compress(x, weight, pe, cu_seqlens, block, stride, num_blocks=None, name="k"):
     check_tensor(name, x, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("pe", pe, ndim=3, dtypes=FLOAT_DTYPES)
@@ -70,6 +79,17 @@ def check_jsa_compress(x, weight, pe, cu_seqlens, block, stride, name="k"):
         raise TypeError(f"{name}, weight and pe must share a dtype, got {x.dtype}, {weight.dtype}, {pe.dtype}")
     check_same_device(**{name: x}, weight=weight, pe=pe, cu_seqlens=cu_seqlens)
     check_cu_seqlens(cu_seqlens, x.shape[0])
+    if num_blocks is None:
+        return
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, torch.SymInt)) or num_blocks < 0:
+        raise ValueError(f"num_blocks must be None or a non-negative int, got {num_blocks!r}")
+    if _reads_values_allowed(cu_seqlens):
+        from ..reference.jsa import compressed_cu_seqlens
+
+        needed = int(compressed_cu_seqlens(cu_seqlens, block, stride)[-1])
+        if num_blocks < needed:
+            raise ValueError(f"num_blocks ({num_blocks}) is below the {needed} compressed blocks of these "
+                             f"sequences (block={block}, stride={stride}); T_total // stride always suffices")
 
 
 def check_jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config):
@@ -104,7 +124,7 @@ def check_jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, c
     check_same_device(q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, gates=gates, anchor_mask=anchor_mask,
                       cu_seqlens=cu_seqlens, cu_cmp=cu_cmp)
     check_cu_seqlens(cu_seqlens, total)
-    check_cu_seqlens(cu_cmp, k_cmp.shape[0], name="cu_cmp", items="compressed blocks in k_cmp")
+    check_cu_seqlens(cu_cmp, k_cmp.shape[0], name="cu_cmp", items="rows of k_cmp", padded=True)
     if cu_cmp.numel() != cu_seqlens.numel():
         raise ValueError(f"cu_cmp must describe the same {cu_seqlens.numel() - 1} sequences as cu_seqlens, "
                          f"got {cu_cmp.numel() - 1}")

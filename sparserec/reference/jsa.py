@@ -38,15 +38,28 @@ def compress_block_index(cu_seqlens: torch.Tensor, block: int, stride: int):
     return index.to(cu_seqlens.device), cu_cmp
 
 
-def jsa_compress(x, weight, pe, cu_seqlens, block: int, stride: int):
+def compressed_rows_bound(total_tokens, stride: int):
+    """A static bound on cu_cmp[-1] from the token count alone: T_total // stride.
+
+    A sequence of n tokens has (n - block) // stride + 1 <= n // stride full blocks (block >= stride),
+    or none when n < block, so the batch has at most sum(n // stride) <= T_total // stride. Sizing
+    compressed tensors by it needs no read of the lengths (a device sync on a GPU).
+    """
+    return total_tokens // stride
+
+
+def jsa_compress(x, weight, pe, cu_seqlens, block: int, stride: int, num_blocks=None):
     """Kc_i = sum_r (x[i*stride + r] + pe_r) @ W_r per kv head.
 
     x (T_total, Hkv, D), weight (Hkv, block, D, D), pe (Hkv, block, D)
-    -> (Tc_total, Hkv, D) and the compressed cu_seqlens.
+    -> (num_blocks or Tc_total, Hkv, D) and the compressed cu_seqlens; rows past Tc_total are zeros.
     """
     index, cu_cmp = compress_block_index(cu_seqlens, block, stride)
     blocks = x[index] + pe.transpose(0, 1)  # (Tc, block, Hkv, D)
-    return torch.einsum("clhd,hlde->che", blocks, weight), cu_cmp
+    out = torch.einsum("clhd,hlde->che", blocks, weight)
+    if num_blocks is not None:
+        out = torch.cat([out, out.new_zeros(num_blocks - out.shape[0], *out.shape[1:])])
+    return out, cu_cmp
 
 
 def _softmax_dtype(dtype):
