@@ -110,8 +110,7 @@ def _compress_bwd_dw(
     for c0 in range(lo, lo + blocks_per_split, BLOCK_C):
         rows = c0 + tl.arange(0, BLOCK_C)
         row_ok = (rows < lo + blocks_per_split) & (rows < num_blocks)
-        start = tl.load(start_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-        row_ok = row_ok & (start >= 0)  # padding rows' gradients are ignored
+        start = tl.load(start_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         mask = row_ok[:, None] & dim_ok[None, :]
         x = tl.load(x_ptr + (start + r)[:, None] * stride_xt + head * stride_xh + dims[None, :], mask=mask, other=0.0)
         x = tl.where(mask, x + pe[None, :], 0.0).to(x_ptr.dtype.element_ty)
@@ -207,6 +206,11 @@ def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: in
     block_d = max(16, next_power_of_2(dim))
     precision = dot_precision(x.dtype)
     starts = block_starts(cu_seqlens, cu_cmp, num_blocks, stride)
+    # Padding rows (start -1, past cu_cmp[-1]) are constants: their gradients are dropped here, and dW
+    # reads token 0 for them (in bounds) times a zero gradient.
+    real = starts >= 0
+    dout = torch.where(real[:, None, None], dout, 0)
+    starts = torch.where(real, starts, 0)
 
     splits = dw_splits(num_blocks, block * kv_heads)
     per_split = cdiv(num_blocks, splits)
@@ -218,8 +222,7 @@ def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: in
         HEAD_DIM=dim, BLOCK=block, BLOCK_D=block_d, PRECISION=precision,
     )
     dweight = dw.sum(0).to(weight.dtype)
-    real_dout = torch.where((starts >= 0)[:, None, None], dout.float(), 0.0)  # padding rows ignored
-    dpe = torch.einsum("hrde,he->hrd", weight.float(), real_dout.sum(0)).to(pe.dtype)
+    dpe = torch.einsum("hrde,he->hrd", weight.float(), dout.float().sum(0)).to(pe.dtype)
 
     shifts = cdiv(block, stride)
     row_counts = torch.where(cu_cmp[1:] > cu_cmp[:-1], cu_cmp[1:] - cu_cmp[:-1] + shifts - 1, 0)

@@ -24,10 +24,21 @@ def compressed_jsa(q, k, v, gates, anchor_mask, cu_seqlens, k_compress, v_compre
 
     The compressed tensors are sized by a static bound (T_total // stride rows, the tail zero-padded),
     so nothing on this path reads device data: no host sync on a GPU, no graph break under torch.compile.
+    When K and V have one width, their linear compressions run as one `jsa_compress` call over their kv
+    heads side by side (one kernel launch, one backward, instead of two of each).
     """
     rows = compressed_rows_bound(q.shape[0], config.stride)
-    k_cmp, cu_cmp = k_compress(k, cu_seqlens, config.block, config.stride, backend=backend, num_blocks=rows)
-    v_cmp, _ = v_compress(v, cu_seqlens, config.block, config.stride, backend=backend, num_blocks=rows)
+    (k_weight, k_pe), (v_weight, v_pe) = k_compress.linear_part(), v_compress.linear_part()
+    if k.shape[-1] == v.shape[-1]:
+        hidden, cu_cmp = jsa_compress(torch.cat([k, v], 1), torch.cat([k_weight, v_weight]), torch.cat([k_pe, v_pe]),
+                                      cu_seqlens, config.block, config.stride, backend=backend, num_blocks=rows)
+        k_hidden, v_hidden = hidden.split([k.shape[1], v.shape[1]], dim=1)
+    else:
+        k_hidden, cu_cmp = jsa_compress(k, k_weight, k_pe, cu_seqlens, config.block, config.stride, backend=backend,
+                                        num_blocks=rows)
+        v_hidden, _ = jsa_compress(v, v_weight, v_pe, cu_seqlens, config.block, config.stride, backend=backend,
+                                   num_blocks=rows)
+    k_cmp, v_cmp = k_compress.finish(k_hidden), v_compress.finish(v_hidden)
     return jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config=config, backend=backend)
 
 
@@ -40,22 +51,31 @@ class MLPCompressor(nn.Module):
 
     def __init__(self, kv_heads: int, block: int, head_dim: int):
         super().__init__()
+        self.block, self.head_dim = block, head_dim
         self.pe = nn.Parameter(torch.zeros(kv_heads, block, head_dim))
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Linear(block * head_dim, head_dim), nn.GELU(), nn.Linear(head_dim, head_dim))
             for _ in range(kv_heads)
         )
 
-    def forward(self, x, cu_seqlens, block: int, stride: int, backend: str = "auto", num_blocks=None):
-        dim = x.shape[-1]
+    def linear_part(self):
+        """(weight (Hkv, block, D, D), pe) of the first Linear, as `jsa_compress` takes them."""
+        dim = self.head_dim
         # Linear weight (D_out, l·D_in) -> (l, D_in, D_out) per head, stacked over kv heads.
-        first = torch.stack([mlp[0].weight.view(dim, block, dim).permute(1, 2, 0) for mlp in self.heads])
-        hidden, cu_cmp = jsa_compress(x, first, self.pe, cu_seqlens, block, stride, backend=backend,
-                                      num_blocks=num_blocks)
+        return torch.stack([mlp[0].weight.view(dim, self.block, dim).permute(1, 2, 0) for mlp in self.heads]), self.pe
+
+    def finish(self, hidden):
+        """The rest of φ on the first Linear's output without its bias: (Tc, Hkv, D) -> (Tc, Hkv, D)."""
         hidden = nn.functional.gelu(hidden + torch.stack([mlp[0].bias for mlp in self.heads]))
         second = torch.stack([mlp[2].weight for mlp in self.heads])  # (Hkv, D_out, D_in)
-        out = torch.einsum("chi,hoi->cho", hidden, second) + torch.stack([mlp[2].bias for mlp in self.heads])
-        return out, cu_cmp
+        return torch.einsum("chi,hoi->cho", hidden, second) + torch.stack([mlp[2].bias for mlp in self.heads])
+
+    def forward(self, x, cu_seqlens, block: int, stride: int, backend: str = "auto", num_blocks=None):
+        if block != self.block:
+            raise ValueError(f"this compressor was built for blocks of {self.block} tokens, got block={block}")
+        hidden, cu_cmp = jsa_compress(x, *self.linear_part(), cu_seqlens, block, stride, backend=backend,
+                                      num_blocks=num_blocks)
+        return self.finish(hidden), cu_cmp
 
 
 class LinearCompressor(nn.Module):
@@ -65,6 +85,12 @@ class LinearCompressor(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(kv_heads, block, head_dim, head_dim) / math.sqrt(block * head_dim))
         self.pe = nn.Parameter(torch.zeros(kv_heads, block, head_dim))
+
+    def linear_part(self):
+        return self.weight, self.pe
+
+    def finish(self, hidden):
+        return hidden
 
     def forward(self, x, cu_seqlens, block: int, stride: int, backend: str = "auto", num_blocks=None):
         return jsa_compress(x, self.weight, self.pe, cu_seqlens, block, stride, backend=backend, num_blocks=num_blocks)

@@ -1,0 +1,77 @@
+"""Learning curves: a validation metric against the CPU-hours spent, from runs' metrics.json.
+
+`sparserec train` records at every validation the process's CPU seconds so far (all threads; the
+tokenizer fit and the earlier validations included) beside the metrics, and metrics.json keeps that
+history. This plots one curve per run, with published numbers as horizontal lines.
+
+  python benchmarks/learning_curve.py runs/grace-beauty runs/sasrec-beauty --metric ndcg@10 \
+      --published "TIGER (test)=0.0384" --out benchmarks/results/learning_curve_beauty.png
+"""
+import argparse
+import json
+import os
+
+
+def history_of(run_dir: str, metric: str):
+    """[(cpu_hours, value, step)] of the run's validations that recorded CPU time."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: is {run_dir} a finished `sparserec train` run?")
+    with open(path) as file:
+        history = json.load(file).get("history")
+    if history is None:
+        raise ValueError(f"{path} has no training history (written by an older sparserec)")
+    points = [(entry["cpu_s"] / 3600, entry[metric], entry["step"]) for entry in history
+              if metric in entry and "cpu_s" in entry]
+    if not points:
+        raise ValueError(f"{path}: no validation recorded both {metric!r} and CPU time")
+    return points
+
+
+def published_line(text: str):
+    label, sep, value = text.rpartition("=")
+    if not sep or not label:
+        raise ValueError(f"--published takes LABEL=VALUE, got {text!r}")
+    return label, float(value)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories of `sparserec train`")
+    parser.add_argument("--metric", default="ndcg@10")
+    parser.add_argument("--published", action="append", default=[], help="LABEL=VALUE, a horizontal line")
+    parser.add_argument("--title", default=None)
+    parser.add_argument("--out", required=True, help="PNG to write (a .md table of the points beside it)")
+    args = parser.parse_args()
+    published = [published_line(text) for text in args.published]
+    curves = {run: history_of(run, args.metric) for run in args.runs}
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for run, points in curves.items():
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=os.path.basename(run.rstrip("/")))
+    for label, value in published:
+        axes.axhline(value, linestyle="--", color="grey", linewidth=1)
+        axes.annotate(label, (0, value), xytext=(4, 3), textcoords="offset points", fontsize=8, color="grey")
+    axes.set_xlabel("CPU-hours (whole process, all threads)")
+    axes.set_ylabel(f"validation {args.metric}")
+    axes.set_title(args.title or f"validation {args.metric} against CPU budget")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    figure.savefig(args.out, dpi=120)
+    table = [f"| run | step | CPU-hours | validation {args.metric} |", "|---|---|---|---|"]
+    table += [f"| {os.path.basename(run.rstrip('/'))} | {step} | {hours:.3f} | {value:.4f} |"
+              for run, points in curves.items() for hours, value, step in points]
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as file:
+        file.write("\n".join(table) + "\n")
+    print("\n".join(table))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
