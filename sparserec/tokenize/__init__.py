@@ -23,6 +23,7 @@ Layout per interaction: `[behavior] [product type] [price band] [brand] [SID_1..
 from .coba import CoBaConfig, cooccurrence_graph, propagate, uniformity_loss
 from .cot import CoTAttributes, fit_cot_attributes
 from .embeddings import EMBEDDING_KINDS, collaborative_embeddings, item_embeddings, text_embeddings
+from .lexical import LexicalConfig, LexicalIDs, build_lexical_ids, item_words
 from .rqvae import RQVAE, RQVAEConfig, collision_index, semantic_id_stats, train_rqvae
 from .tokenizer import TOKENIZER_METHODS, ItemTokenizer, PackedHistories, TokenizerConfig
 from .vocab import BOS, COT_SLOTS, EOS, PAD, SPECIAL_TOKENS, UNK, Vocabulary
@@ -34,4 +35,5 @@ __all__ = [
     "EMBEDDING_KINDS", "item_embeddings", "text_embeddings", "collaborative_embeddings",
     "RQVAE", "RQVAEConfig", "train_rqvae", "semantic_id_stats", "collision_index",
     "TOKENIZER_METHODS", "CoBaConfig", "cooccurrence_graph", "propagate", "uniformity_loss",
+    "LexicalConfig", "LexicalIDs", "build_lexical_ids", "item_words",
 ]
