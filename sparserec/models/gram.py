@@ -271,15 +271,12 @@ class GRAM(nn.Module):
         memory = self.encode(user_tokens, passage_items)
         return self.logits(self.decoder_states(decoder_input_ids, self.new_cache(memory)))
 
-    def forced_tokens(self, path_depth: int):
-        return None
-
 
 # ---- the item-encoding cache --------------------------------------------------------------------
 
 class ItemEncodingCache:
     """Every item's encoded fine prompt in a memory-mapped float32 file under `directory`,
-    `gram-items-<key>.f32` (num_items, P, d_model), where key hashes the encoder's weights, the
+    `gram-items-<key>.npy` (num_items, P, d_model), where key hashes the encoder's weights, the
     prompts and the shapes: a model whose encoder changed gets (and builds) another file.
     `encoder(model)` returns the `item_encoder` for `GRAM.encode`."""
 
@@ -297,7 +294,7 @@ class ItemEncodingCache:
         return digest.hexdigest()[:20]
 
     def path(self, model: GRAM) -> str:
-        return os.path.join(self.directory, f"gram-items-{self.key(model)}.f32")
+        return os.path.join(self.directory, f"gram-items-{self.key(model)}.npy")
 
     @torch.no_grad()
     def build(self, model: GRAM, progress: bool = False) -> str:
@@ -309,16 +306,18 @@ class ItemEncodingCache:
         config = model.config
         was_training = model.training
         model.eval()
-        table = np.lib.format.open_memmap(f"{path}.{os.getpid()}.tmp.npy", mode="w+", dtype=np.float32,
-                                          shape=(config.num_items, config.prompt_length, config.d_model))
-        device = model.item_prompts.device
-        for start in tqdm(range(0, config.num_items, self.chunk), desc="encode items", disable=not progress):
-            items = torch.arange(start, min(start + self.chunk, config.num_items), device=device)
-            table[start:start + len(items)] = model.encode_items(items).float().cpu().numpy()
-        table.flush()
-        del table
-        os.replace(f"{path}.{os.getpid()}.tmp.npy", path)  # atomic: a reader never sees a half-written file
-        model.train(was_training)
+        try:
+            table = np.lib.format.open_memmap(f"{path}.{os.getpid()}.tmp.npy", mode="w+", dtype=np.float32,
+                                              shape=(config.num_items, config.prompt_length, config.d_model))
+            device = model.item_prompts.device
+            for start in tqdm(range(0, config.num_items, self.chunk), desc="encode items", disable=not progress):
+                items = torch.arange(start, min(start + self.chunk, config.num_items), device=device)
+                table[start:start + len(items)] = model.encode_items(items).float().cpu().numpy()
+            table.flush()
+            del table
+            os.replace(f"{path}.{os.getpid()}.tmp.npy", path)  # atomic: a reader never sees a half-written file
+        finally:
+            model.train(was_training)
         return path
 
     def encoder(self, model: GRAM, progress: bool = False):
@@ -446,6 +445,4 @@ def build_gram(data: InteractionData, train_end, lexical: LexicalConfig = Lexica
     tables = build_tables(ids, item_fields(data.items), neighbours, max_prompt_tokens)
     config = GRAMConfig(vocab_size=len(tables.vocabulary), num_items=data.num_items,
                         prompt_length=tables.item_prompts.shape[1], path_depth=tables.item_paths.shape[1], **options)
-    model = GRAM(config).set_tables(tables)
-    model.vocabulary, model.id_stats = tables.vocabulary, ids.stats
-    return model
+    return GRAM(config).set_tables(tables)
