@@ -17,18 +17,6 @@ GRACE = dict(block=32, stride=16, select_block=32, top_n=3, select_q_block=64, w
 GRAD_INPUTS = ("q", "k", "v", "k_cmp", "v_cmp", "gates")
 
 
-@pytest.fixture
-def poison_outputs():
-    """Every tensor the kernels allocate starts as NaN, so a slot they fail to write shows."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
-
-
 def _grads(attention, inputs, config, grad_out):
     args = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs.attention_args()]
     out = attention(*args, config=config)

@@ -156,12 +156,8 @@ def test_compiled_op_rejects_bad_input(change, match):
         torch.ops.sparserec.jsa_select(*args.values())
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.mark.gpu
 @needs_extension
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_op_equals_cpu_op(dtype, causal):
@@ -183,7 +179,6 @@ def test_cuda_op_equals_cpu_op(dtype, causal):
 
 @pytest.mark.gpu
 @needs_extension
-@needs_cuda
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_backend_attention_equals_reference(causal):
     config = JSAConfig(block=8, stride=4, select_block=8, top_n=2, select_q_block=16, window=8, causal=causal)

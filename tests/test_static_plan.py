@@ -29,7 +29,7 @@ def _dtype(backend):
 
 
 @pytest.mark.parametrize("backend", AVAILABLE)
-def test_compress_to_a_static_bound_pads_with_zeros_and_ignores_their_gradients(backend):
+def test_compress_to_a_static_bound_pads_with_zeros_and_ignores_their_gradients(backend, poison_outputs):
     dtype = _dtype(backend)
     inputs = make_inputs(LENGTHS, CONFIG, dtype=torch.float64, seed=11)
     leaves = [t.to(dtype).requires_grad_() for t in (inputs.k, inputs.weight_k, inputs.pe_k)]
@@ -53,7 +53,7 @@ def test_compress_to_a_static_bound_pads_with_zeros_and_ignores_their_gradients(
 
 @pytest.mark.parametrize("backend", AVAILABLE)
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_never_reads_compressed_padding(backend, causal):
+def test_attention_never_reads_compressed_padding(backend, causal, poison_outputs):
     """k_cmp / v_cmp end in NaN rows: the output and every gradient stay those of the exact tensors."""
     config = JSAConfig(**{**vars(CONFIG), "causal": causal})
     dtype = _dtype(backend)

@@ -20,7 +20,6 @@ from sparserec import JSAConfig
 from sparserec.ops import jsa_attention, jsa_compress
 from sparserec.ops.dispatch import resolve
 from sparserec.reference import jsa_attention as reference_attention
-from sparserec.triton_kernels import common
 from sparserec.triton_kernels.common import interpreting
 from tolerance import assert_close_to_reference
 
@@ -32,9 +31,7 @@ LENGTHS = [1, 7, 5, 97]
 DIFFERENTIABLE = ("q", "k", "v", "k_cmp", "v_cmp", "gates")
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(common, "POISON_ALLOCATIONS", True)
+pytestmark = pytest.mark.usefixtures("poison_outputs")  # tests/conftest.py
 
 
 def fixed_selection(selection, cu_seqlens):
@@ -160,7 +157,6 @@ GRACE = JSAConfig(block=32, stride=16, select_block=32, top_n=3, select_q_block=
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads, dim", [(8, 8, 64), (4, 4, 32), (16, 2, 128)])
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_backend_real_size_gpu(causal, dtype, heads, kv_heads, dim):
     check_against_reference([2048, 777, 1, 1500], replace(GRACE, causal=causal), heads, kv_heads, dtype=dtype,
                             anchor_rate=1 / 16, dim=dim)
@@ -173,7 +169,6 @@ def _gpu_inputs(causal=False):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_torch_compile_gpu():
     inputs = _gpu_inputs()
     eager = jsa_attention(*inputs.attention_args(), config=GRACE, backend="triton")
@@ -191,7 +186,6 @@ def test_torch_compile_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_capture_gpu():
     inputs = _gpu_inputs(causal=True)
     config = replace(GRACE, causal=True)

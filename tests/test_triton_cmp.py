@@ -12,7 +12,6 @@ import torch
 from jsa_inputs import make_inputs
 from sparserec import JSAConfig
 from sparserec.reference.jsa import cmp_mask, masked_attention, select_blocks
-from sparserec.triton_kernels import common
 from sparserec.triton_kernels.common import interpreting
 from sparserec.triton_kernels.jsa_cmp import cmp_attention_bwd, cmp_attention_fwd, cmp_select
 from tolerance import assert_close_to_reference
@@ -24,9 +23,7 @@ CONFIG = JSAConfig(block=8, stride=4, select_block=8, top_n=2, select_q_block=16
 LENGTHS = [1, 7, 8, 37, 97]
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(common, "POISON_ALLOCATIONS", True)
+pytestmark = pytest.mark.usefixtures("poison_outputs")  # tests/conftest.py
 
 
 def reference_cmp(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config):
@@ -136,7 +133,6 @@ def test_selection_ties_go_to_the_lower_block():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cmp_real_size_gpu(causal, dtype):

@@ -10,7 +10,6 @@ import torch
 from jsa_inputs import cu_from_lengths
 from sparserec.ops import jsa_compress
 from sparserec.reference import jsa_compress as reference_compress
-from sparserec.triton_kernels import common
 from sparserec.triton_kernels.common import interpreting
 from sparserec.triton_kernels.jsa_compress import compress_bwd, compress_fwd, compressed_cu_seqlens
 from tolerance import assert_close_to_reference
@@ -19,9 +18,7 @@ DEVICE = "cpu" if interpreting() else "cuda"
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(common, "POISON_ALLOCATIONS", True)
+pytestmark = pytest.mark.usefixtures("poison_outputs")  # tests/conftest.py
 
 
 def make(lengths, kv_heads, dim, block, seed=0, index_dtype=torch.int64):
@@ -107,7 +104,6 @@ def test_compress_op_passes_opcheck():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_compress_real_size_gpu(dtype):
     lengths, block, stride, kv_heads, dim = [2048, 1000, 4096, 31], 32, 16, 2, 64

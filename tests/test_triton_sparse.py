@@ -17,7 +17,7 @@ from jsa_inputs import make_inputs
 from sparserec import JSAConfig
 from sparserec.reference import jsa_attention
 from sparserec.reference.jsa import masked_attention, token_masks
-from sparserec.triton_kernels import common, jsa_sparse
+from sparserec.triton_kernels import jsa_sparse
 from sparserec.triton_kernels.common import interpreting
 from tolerance import assert_close_to_reference
 
@@ -30,9 +30,7 @@ CONFIG = JSAConfig(block=8, stride=4, select_block=16, top_n=2, select_q_block=3
 LENGTHS = [1, 7, 97, 13]
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(common, "POISON_ALLOCATIONS", True)
+pytestmark = pytest.mark.usefixtures("poison_outputs")  # tests/conftest.py
 
 
 def sparse_reference(q, k, v, gates, selection, anchor_mask, cu_seqlens, config):
@@ -201,11 +199,9 @@ def test_forward_without_branches_and_empty_batch():
 # ---------------------------------------------------------------------------------------------
 
 GRACE = JSAConfig(block=32, stride=16, select_block=32, top_n=3, select_q_block=64, window=64)
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA")
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(8, 8, 64), (4, 4, 32), (16, 2, 128)],
                          ids=["8x64", "4x32", "gqa16/2x128"])
@@ -218,7 +214,6 @@ def test_gpu_real_sizes(causal, heads, kv_heads, dim, dtype):
 
 
 @pytest.mark.gpu
-@gpu
 def test_gpu_cuda_graph_capture():
     config = replace(GRACE, causal=True)
     inputs, selection = case([300, 1025, 64], config, heads=8, kv_heads=2, dim=64, anchor_rate=1 / 16)
