@@ -623,3 +623,10 @@ def test_malformed_taobao_files_raise_value_errors_naming_the_file(tmp_path_fact
         load_dataset("taobao-ecomm-cikm2019", root=root)
     except ValueError as error:
         assert path in str(error) or "no events are left" in str(error), str(error)
+
+
+def test_journey_shifts_mark_the_first_event_and_every_change():
+    from sparserec.data import journey_shifts
+    assert journey_shifts([3, 3, 5, 5, 3]).tolist() == [True, False, True, False, True]
+    assert journey_shifts(["a"]).tolist() == [True]
+    assert journey_shifts(np.zeros(0, dtype=np.int64)).tolist() == []

@@ -18,7 +18,7 @@ from .embedded import EMBEDDED_DIR
 from .filtering import drop_duplicates, k_core, prepare
 from .fingerprint import data_fingerprint, file_fingerprint, fingerprint_changes
 from .generic import load_generic
-from .interactions import InteractionData, ItemTable, build_interaction_data
+from .interactions import InteractionData, ItemTable, build_interaction_data, journey_shifts
 from .paths import data_root
 from .retail import load_mbht_retail
 from .splits import DataSplit, Targets, leave_one_out, mbgen_split
@@ -26,7 +26,7 @@ from .stats import dataset_statistics, format_statistics
 from .taobao import load_taobao
 
 __all__ = [
-    "InteractionData", "ItemTable", "build_interaction_data", "data_root",
+    "InteractionData", "ItemTable", "build_interaction_data", "journey_shifts", "data_root",
     "load_dataset", "load_embedded", "load_taobao", "load_amazon_beauty", "load_mbht_retail", "load_generic",
     "DATASET_NAMES", "DEFAULT_PREPARATION", "drop_duplicates", "k_core", "prepare",
     "DataSplit", "Targets", "leave_one_out", "mbgen_split", "default_split",

@@ -119,6 +119,14 @@ class InteractionData:
         )
 
 
+def journey_shifts(keys) -> np.ndarray:
+    """keys (n,) of one history in order (product types, or what stands for them) -> (n,) bool: the
+    journey-shift anchors of SPEC §3, the first interaction and every one whose key differs from the
+    previous one's."""
+    keys = np.asarray(keys)
+    return np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, dtype=bool)
+
+
 def build_interaction_data(name, users, items, behaviors, timestamps, behavior_names, item_attributes,
                            target_behavior=None) -> InteractionData:
     """Numbers raw users/items in order of first appearance and sorts each user's events by time.

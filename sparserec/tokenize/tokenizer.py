@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..data.interactions import InteractionData
+from ..data.interactions import InteractionData, journey_shifts
 from .coba import CoBaConfig, cooccurrence_graph, propagate
 from .cot import CoTAttributes, fit_cot_attributes
 from .embeddings import item_embeddings
@@ -269,11 +269,9 @@ class ItemTokenizer:
     def history_tokens(self, items, behaviors):
         """One user's history: (token ids (n_tokens,) int64, anchor_mask (n_tokens,) bool)."""
         tokens = self.interaction_tokens(items, behaviors)
-        key = self.journey_key[torch.as_tensor(items, dtype=torch.int64)]
-        shift = torch.ones_like(key, dtype=torch.bool)
-        shift[1:] = key[1:] != key[:-1]
+        shift = journey_shifts(self.journey_key[torch.as_tensor(items, dtype=torch.int64)].numpy())
         anchor_mask = torch.zeros(tokens.shape, dtype=torch.bool)
-        anchor_mask[:, self.anchor_offset] = shift
+        anchor_mask[:, self.anchor_offset] = torch.from_numpy(shift)
         return tokens.reshape(-1), anchor_mask.reshape(-1)
 
     def batch_history_tokens(self, histories, max_interactions: int | None = None) -> PackedHistories:

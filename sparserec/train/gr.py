@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..data import InteractionData, DataSplit
+from ..data import DataSplit, InteractionData, journey_shifts
 from ..metrics import action_metrics, ranking_metrics
 from ..models.gr import GenerativeRanker
 from .trainer import Trainer, TrainConfig
@@ -39,8 +39,7 @@ def journey_anchors(data: InteractionData):
     types = np.array([codes.setdefault(t, len(codes)) for t in data.items.product_type], dtype=np.int64)
 
     def anchors(items):
-        kinds = types[items]
-        return np.concatenate([[True], kinds[1:] != kinds[:-1]]) if len(items) else np.zeros(0, dtype=bool)
+        return journey_shifts(types[items])
     return anchors
 
 
