@@ -136,6 +136,25 @@ def test_module_forward_and_backward_make_no_host_read(backend, compress, device
         assert (len(launches["forward"]), len(launches["backward"])) == (4, 7), launches
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("compress", ["mlp", "linear"])
+def test_module_never_synchronises_on_cuda(compress):
+    """The real check on a GPU: torch's sync debug mode raises on any synchronising call."""
+    torch.manual_seed(0)
+    module = JourneySparseAttention(256, 8, 2, config=JSAConfig(), backend="triton", compress=compress).cuda()
+    lengths = [1, 700, 33, 2048, 97]
+    x, cu_seqlens, anchors = (t.detach().cuda() for t in _module_step(module, lengths))
+    x.requires_grad_()
+    module(x, cu_seqlens, anchors).sum().backward()  # autotuning benchmarks (and syncs) on first use
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module(x, cu_seqlens, anchors).square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("backend, compress", [(b, c) for b, c in (("cpp", "mlp"), ("cpp", "linear"), ("triton", "mlp"))
                                                if b in AVAILABLE])
 def test_module_traces_whole_under_torch_compile(backend, compress):
