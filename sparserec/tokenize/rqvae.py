@@ -5,7 +5,7 @@ e_{l,code_l}; the decoder reads sum_l e_{l,code_l} (straight-through gradient to
 Loss: reconstruction MSE + codebook loss ||sg(r) - e||^2 + commitment * ||r - sg(e)||^2. Each
 level's codebook starts as k-means centroids of that level's residuals (first batch of training:
 the whole catalogue through the initial encoder), and codes no item used are re-seeded every
-`dead_code_reset_every` epochs with residuals of random items. Seeded: the same inputs and
+`dead_code_reset_every` epochs with residuals of random items (0: never). Seeded: the same inputs and
 config give the same codes. With a `CoBaConfig` (`coba.py`), training adds the uniformity loss and
 balances code assignments by their running usage.
 """
@@ -180,7 +180,7 @@ def train_rqvae(embeddings: torch.Tensor, config: RQVAEConfig = RQVAEConfig(), p
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        if (epoch + 1) % config.dead_code_reset_every == 0 and epoch + 1 < config.epochs:
+        if config.dead_code_reset_every and (epoch + 1) % config.dead_code_reset_every == 0 and epoch + 1 < config.epochs:
             model.reset_dead_codes(x, generator)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     with torch.no_grad():
