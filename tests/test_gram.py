@@ -1,4 +1,5 @@
 """GRAM (issue 13): lexical IDs, TF-IDF naming, the item-encoding cache, constrained generation, CLI checks."""
+import dataclasses
 import os
 
 import numpy as np
@@ -7,8 +8,10 @@ import torch
 
 from sparserec.cli import main, parse_args
 from sparserec.data import build_interaction_data, default_split
+from sparserec.models import SASRec, SASRecConfig
 from sparserec.models.gram import (EOS, GRAM, GRAMConfig, ItemEncodingCache, build_tables, gram_examples, gram_loss,
-                                   gram_rankings, item_fields)
+                                   gram_rankings, item_fields, similar_items)
+from sparserec.pipeline import Prepared, save_run
 from sparserec.tokenize.lexical import LexicalConfig, build_lexical_ids, item_words, name_siblings
 
 BRANDS = ("acme", "lumo", "verde")
@@ -160,6 +163,23 @@ def test_training_step_lowers_the_loss(toy):
         optimizer.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_similar_items_come_from_a_saved_sasrec_run(toy, tmp_path):
+    data = toy[0]
+    torch.manual_seed(0)
+    sasrec = SASRec(SASRecConfig(num_items=data.num_items, d_model=16, num_heads=2, layers=1))
+    save_run(str(tmp_path / "sasrec"), sasrec, Prepared("toy", data, default_split(data), None), {"dataset": "toy"})
+    neighbours = similar_items(str(tmp_path / "sasrec"), data, 3)
+    vectors = torch.nn.functional.normalize(sasrec.item_embedding.weight[:data.num_items].detach(), dim=1)
+    similarity = (vectors @ vectors.T).fill_diagonal_(-2.0)
+    assert neighbours.shape == (data.num_items, 3)
+    assert not bool((neighbours == torch.arange(data.num_items)[:, None]).any())  # never the item itself
+    torch.testing.assert_close(similarity.gather(1, neighbours), similarity.topk(3, dim=1).values)
+    with pytest.raises(ValueError, match="need a trained SASRec run directory"):
+        similar_items(str(tmp_path / "missing"), data, 3)
+    with pytest.raises(ValueError, match="trained on other data"):
+        similar_items(str(tmp_path / "sasrec"), dataclasses.replace(data, item=data.item[::-1].copy()), 3)
 
 
 @pytest.mark.parametrize("argv, message", [
