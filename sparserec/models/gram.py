@@ -53,6 +53,8 @@ TEXT_FIELDS = re.compile(r"product type: (?P<categories>.*?)\. brand: (?P<brand>
 def similar_items(sasrec_run: str, data: InteractionData, k: int) -> torch.Tensor:
     """(num_items, k) int64: each item's k most similar other items by cosine similarity of the item
     embeddings of the trained SASRec in run directory `sasrec_run`, most similar first."""
+    if not 0 <= k < data.num_items:
+        raise ValueError(f"k must be in [0, {data.num_items}), got {k}")
     if not os.path.isfile(os.path.join(sasrec_run, runs.RUN_FILE)):
         raise ValueError(f"GRAM's collaborative semantics need a trained SASRec run directory, and {sasrec_run!r} "
                          f"holds no {runs.RUN_FILE}: train one (sparserec train --model sasrec --dataset {data.name} "
@@ -66,8 +68,6 @@ def similar_items(sasrec_run: str, data: InteractionData, k: int) -> torch.Tenso
     model = SASRec(SASRecConfig(**runs.run_field(run, sasrec_run, "model_config")))
     model.load_state_dict(runs.load_file(os.path.join(sasrec_run, runs.MODEL_FILE), "the SASRec weights"))
     vectors = nn.functional.normalize(model.item_embedding.weight[:data.num_items].detach().float(), dim=1)
-    if not 0 <= k < data.num_items:
-        raise ValueError(f"k must be in [0, {data.num_items}), got {k}")
     neighbours = []
     for start in range(0, data.num_items, 2048):
         similarity = vectors[start:start + 2048] @ vectors.T
