@@ -1,8 +1,9 @@
 """What the compiled compression ops share: their backend entry and their autograd.
 
 Both `sparserec::jsa_compress` (C++, CPU) and `sparserec::triton_jsa_compress` (Triton) take
-(x, weight, pe, cu_seqlens, cu_cmp, block, stride, num_blocks) -> (num_blocks, Hkv, D), where num_blocks >=
-Tc_total = cu_cmp[-1] and the rows past Tc_total are zeros, and their backward ops take (grad, x, weight, pe, cu_seqlens, cu_cmp, block, stride) -> (dx, dweight, dpe).
+(x, weight, pe, cu_seqlens, cu_cmp, block, stride, num_blocks) -> (num_blocks, Hkv, D), where
+num_blocks >= Tc_total = cu_cmp[-1] and the rows past Tc_total are zeros; their backward ops take
+(grad, x, weight, pe, cu_seqlens, cu_cmp, block, stride) -> (dx, dweight, dpe).
 """
 import torch
 
