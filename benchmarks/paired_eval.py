@@ -20,7 +20,7 @@ import torch
 
 from sparserec.evaluate import grace_rankings
 from sparserec.generate import Trie
-from sparserec.metrics import target_ranks
+from sparserec.metrics import per_user_hits_and_gains, target_ranks
 from sparserec.models.grace import shift_right
 from sparserec.pipeline import load_run, subsample
 from sparserec.train.examples import GRACEExamples
@@ -47,12 +47,12 @@ def per_user_values(run_dir: str, users, beam: int, cache: str) -> dict:
     trie = Trie(prepared.tokenizer.item_paths())
     ranked = grace_rankings(model, prepared.tokenizer, prepared.data, targets, trie, "behavior_specific", beam,
                             max_interactions=max_interactions)
-    ranks = target_ranks(ranked, torch.from_numpy(targets.items(prepared.data)).long()).numpy()
+    ranks = target_ranks(ranked, torch.from_numpy(targets.items(prepared.data)).long())
     values = {"users": np.stack([targets.user, targets.position], 1),
               "sid_correct": sid_correct(model, prepared, targets, max_interactions)}
     for k in KS:
-        values[f"hr@{k}"] = (ranks <= k).astype(np.float64)
-        values[f"ndcg@{k}"] = np.where(ranks <= k, 1.0 / np.log2(ranks + 1), 0.0)
+        hits, gains = per_user_hits_and_gains(ranks, k)
+        values[f"hr@{k}"], values[f"ndcg@{k}"] = hits.numpy(), gains.numpy()
     os.makedirs(cache, exist_ok=True)
     np.savez(path, **values)
     return values

@@ -55,6 +55,13 @@ def ndcg(ranked, targets, k: int) -> float:
     return torch.where(ranks <= k, 1.0 / torch.log2(ranks + 1), 0.0).mean().item()
 
 
+def per_user_hits_and_gains(ranks, k: int):
+    """Per-user HR@K and NDCG@K (one relevant item: 1 / log2(rank + 1) within the top K), float64,
+    from the 1-based ranks of `target_ranks`."""
+    hits = (ranks <= k).double()
+    return hits, torch.where(ranks <= k, 1.0 / torch.log2(ranks.double() + 1), 0.0)
+
+
 def ranking_metrics(ranked, targets, ks=(5, 10)) -> dict:
     """{"hr@K", "ndcg@K", "hr@K_se", "ndcg@K_se"} for each K in ks (means over users and their
     standard errors), plus "count" (users)."""
@@ -63,8 +70,7 @@ def ranking_metrics(ranked, targets, ks=(5, 10)) -> dict:
     for k in ks:
         if not 1 <= k <= ranked.shape[1]:
             raise ValueError(f"K must be in [1, {ranked.shape[1]}] (the ranked list length), got {k}")
-        hits = (ranks <= k).double()
-        gains = torch.where(ranks <= k, 1.0 / torch.log2(ranks + 1), 0.0)
+        hits, gains = per_user_hits_and_gains(ranks, k)
         for name, values in ((f"hr@{k}", hits), (f"ndcg@{k}", gains)):
             metrics[name] = values.mean().item()
             metrics[f"{name}_se"] = standard_error(values)
