@@ -177,7 +177,6 @@ def _triton_tiles(config: JSAConfig, head_dim: int) -> dict:
         cmp_d=cmp["block_d"], sparse_d=sparse["block_d"],
         compress_fwd_c=compress["fwd_block_c"], compress_dw_c=compress["dw_block_c"],
         compress_dx_c=compress["dx_block_c"], dw_splits=compress["dw_splits"],
-        cmp_m=cmp["block_m"], cmp_fwd_n=cmp["fwd_block_n"], cmp_dq_n=cmp["dq_block_n"],
         cmp_dkv_n=cmp["dkv_block_n"], cmp_dkv_m=cmp["dkv_block_m"],
         select_m=cmp["select_block_m"], select_n=cmp["select_block_n"], select_j=cmp["select_block_j"],
         sparse_m=sparse["block_m"], sparse_n=sparse["block_n"], sparse_dkv_m=sparse["dkv_block_m"],
@@ -194,12 +193,17 @@ def _visible_cmp(last_row, num_cmp: int, config: JSAConfig):
 
 
 def _cmp_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, t: dict):
-    """jsa_cmp: query tiles x chunks of their visible compressed blocks (forward, dq); chunks of
-    compressed blocks x the query rows that may see them (dk, dv)."""
-    m, dim = t["cmp_m"], t["cmp_d"]
+    """jsa_cmp: per selection tile, its row chunks x chunks of their visible compressed blocks
+    (forward); the query-major tiles of jsa_sparse x chunks of their visible compressed blocks (dq, in
+its backward walk); chunks of compressed
+    blocks x the query rows that may see them (dk, dv)."""
+    m, dim = t["sparse_m"], t["cmp_d"]
+    tile, rows = config.select_q_block, t["select_m"]
+    chunk_end = torch.arange(0, n, tile)[:, None] + torch.clamp(torch.arange(0, tile, rows) + rows, max=tile)
+    chunk_visible = _visible_cmp(torch.clamp(chunk_end, max=n) - 1, num_cmp, config)
+    forward = int(_steps(0, chunk_visible, t["select_n"]).sum()) * 2 * _matmul(rows, t["select_n"], dim)
     visible = _visible_cmp(torch.clamp(torch.arange(0, n, m) + m, max=n) - 1, num_cmp, config)
-    forward = int(_steps(0, visible, t["cmp_fwd_n"]).sum()) * 2 * _matmul(m, t["cmp_fwd_n"], dim)
-    dq = int(_steps(0, visible, t["cmp_dq_n"]).sum()) * 3 * _matmul(m, t["cmp_dq_n"], dim)
+    dq = int(_steps(0, visible, t["sparse_n"]).sum()) * 3 * _matmul(m, t["sparse_n"], t["sparse_d"])
     first_row = torch.arange(0, num_cmp, t["cmp_dkv_n"])
     first_row = first_row * config.stride + config.block - 1 if config.causal else torch.zeros_like(first_row)
     dkv = int(_steps(first_row, n, t["cmp_dkv_m"]).sum()) * 4 * _matmul(t["cmp_dkv_n"], t["cmp_dkv_m"], dim)
@@ -207,8 +211,8 @@ def _cmp_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, t: dict):
 
 
 def _select_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, kv_heads: int, t: dict) -> int:
-    """jsa_cmp._cmp_select: per (selection tile, kv head), chunks of its eligible selection blocks,
-    each re-scoring the compressed blocks overlapping them for every head of the group."""
+    """jsa_cmp._cmp_fwd_select's selection step: per (selection tile, kv head), chunks of its
+    eligible selection blocks, each re-scoring the compressed blocks overlapping them for every head of the group."""
     last = torch.clamp(torch.arange(0, n, config.select_q_block) + config.select_q_block, max=n) - 1
     num_sel = _cdiv(n, config.select_block)
     eligible = torch.full_like(last, num_sel)
@@ -293,8 +297,8 @@ def triton_executed_flops(lengths, config: JSAConfig, heads: int, head_dim: int,
     """Matmul FLOPs the Triton backend executes for compress(K), compress(V) and one attention
     call (forward), and for their backward: the key/query chunks each program visits, counted with
     the kernels' own loop bounds and tile sizes (`_triton_tiles`), each chunk costing its full tile
-    products. Elementwise work is not counted. Forward kernels: compress, cmp (attention), select
-    (re-scoring for the top-N; not part of the useful count), sparse (slc + jrn + win). Backward:
+    products. Elementwise work is not counted. Forward: compress, cmp (attention) and select
+    (re-scoring for the top-N; not part of the useful count), both in jsa_cmp's one launch, sparse (slc + jrn + win). Backward:
     compress (dW, dx), cmp (dq; dk, dv), sparse (dq; anchor dk, dv; block dk, dv).
 
     anchor_mask (T,) bool and selection (T, Hkv, top_n) packed as for `jsa_flops`, selection as the

@@ -1,4 +1,5 @@
-"""Triton compressed attention and top-N selection (triton_kernels/jsa_cmp.py) against the reference.
+"""Triton compressed attention and top-N selection (triton_kernels/jsa_cmp.py: one fused forward
+launch, and the selection alone) against the reference.
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (conftest.py sets
 TRITON_INTERPRET=1). Outputs are NaN-poisoned before the kernels run.
@@ -13,7 +14,8 @@ from jsa_inputs import make_inputs
 from sparserec import JSAConfig
 from sparserec.reference.jsa import cmp_mask, masked_attention, select_blocks
 from sparserec.triton_kernels.common import interpreting
-from sparserec.triton_kernels.jsa_cmp import cmp_attention_bwd, cmp_attention_fwd, cmp_select
+from sparserec.triton_kernels.jsa_cmp import cmp_attention_bwd, cmp_attention_select, cmp_select
+from sparserec.triton_kernels.jsa_sparse import sparse_attention_bwd, sparse_attention_fwd
 from tolerance import assert_close_to_reference
 
 DEVICE = "cpu" if interpreting() else "cuda"
@@ -50,6 +52,19 @@ def reference_cmp(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config):
     return out, lse, probs
 
 
+def cmp_part_of_dq(dout, x, lse, delta, config):
+    """dq of the cmp branch: jsa_sparse's query-major backward with the cmp walk, the sparse
+    branches' gates at zero (their dq terms are then exactly zero) and no block selected."""
+    gates = x.gates.clone()
+    gates[..., 1:] = 0
+    selection = torch.full((x.q.shape[0], x.k.shape[1], config.top_n), -1, dtype=torch.int32, device=x.q.device)
+    args = (selection, x.anchor_mask, x.cu_seqlens, config)
+    _, lse_sparse, branches = sparse_attention_fwd(x.q, x.k, x.v, gates, *args, store_branches=True)
+    dq, _, _, _ = sparse_attention_bwd(dout, x.q, x.k, x.v, gates, *args, branches, lse_sparse,
+                                       cmp=(x.k_cmp, x.v_cmp, x.cu_cmp, lse, delta))
+    return dq
+
+
 def case(lengths, config, heads, kv_heads, dim=16, seed=0, dtype=torch.float64):
     inputs = make_inputs(lengths, config, heads=heads, kv_heads=kv_heads, dim=dim, seed=seed, device=DEVICE)
     return inputs.to(dtype) if dtype != torch.float64 else inputs
@@ -64,7 +79,8 @@ def test_cmp_forward_and_backward(causal, heads, kv_heads):
     config = replace(CONFIG, causal=causal)
     exact = case(LENGTHS, config, heads, kv_heads)
     inputs = exact.to(torch.float32)
-    out, lse = cmp_attention_fwd(inputs.q, inputs.k_cmp, inputs.v_cmp, inputs.cu_seqlens, inputs.cu_cmp, config)
+    out, lse, _ = cmp_attention_select(inputs.q, inputs.k_cmp, inputs.v_cmp, inputs.cu_seqlens, inputs.cu_cmp,
+                                       config)
 
     def reference_grads(x):
         q, k_cmp, v_cmp, gates = (t.detach().clone().requires_grad_() for t in (x.q, x.k_cmp, x.v_cmp, x.gates))
@@ -80,8 +96,9 @@ def test_cmp_forward_and_backward(causal, heads, kv_heads):
     finite = torch.isfinite(lse64)
     torch.testing.assert_close(lse[finite].double(), lse64[finite], atol=1e-5, rtol=1e-5)
 
-    grads = cmp_attention_bwd(dout.float(), inputs.gates[..., 0], inputs.q, inputs.k_cmp, inputs.v_cmp,
-                              out, lse, inputs.cu_seqlens, inputs.cu_cmp, config)
+    dk_cmp, dv_cmp, dgate, delta = cmp_attention_bwd(dout.float(), inputs.gates[..., 0], inputs.q, inputs.k_cmp,
+                                                     inputs.v_cmp, out, lse, inputs.cu_seqlens, inputs.cu_cmp, config)
+    grads = (cmp_part_of_dq(dout.float(), inputs, lse, delta, config), dk_cmp, dv_cmp, dgate)
     for name, got, same, want in zip(("dq", "dk_cmp", "dv_cmp", "dgate"), grads, grads32, grads64):
         assert_close_to_reference(got, same, want, atol=ATOL[torch.float32], name=name)
 
@@ -90,7 +107,8 @@ def test_cmp_float16():
     config = replace(CONFIG, causal=True)
     exact = case([37, 5, 60], config, 2, 1)
     inputs = exact.to(torch.float16)
-    out, _ = cmp_attention_fwd(inputs.q, inputs.k_cmp, inputs.v_cmp, inputs.cu_seqlens, inputs.cu_cmp, config)
+    out, _, _ = cmp_attention_select(inputs.q, inputs.k_cmp, inputs.v_cmp, inputs.cu_seqlens, inputs.cu_cmp,
+                                     config)
     assert out.dtype == torch.float16
     args = (exact.cu_seqlens, exact.cu_cmp, config)
     ref16 = reference_cmp(inputs.q, inputs.k_cmp, inputs.v_cmp, *args)[0]
@@ -112,12 +130,13 @@ def test_selection_equals_reference(config, causal):
     config = replace(config, causal=causal)
     inputs = case(LENGTHS, config, 4, 2, dtype=torch.float32)
     args = (inputs.cu_seqlens, inputs.cu_cmp, config)
-    _, lse = cmp_attention_fwd(inputs.q, inputs.k_cmp, inputs.v_cmp, *args)
-    selection = cmp_select(inputs.q, inputs.k_cmp, lse, *args)
+    _, lse, selection = cmp_attention_select(inputs.q, inputs.k_cmp, inputs.v_cmp, *args)
     _, _, probs = reference_cmp(inputs.q, inputs.k_cmp, inputs.v_cmp, *args)
     expected = select_blocks(probs, inputs.cu_seqlens, config, num_kv_heads=2)
     assert selection.shape == expected.shape
     assert torch.equal(selection.long(), expected)
+    # The selection alone, from the same lse (the FlexAttention composition's entry).
+    assert torch.equal(cmp_select(inputs.q, inputs.k_cmp, lse, *args), selection)
 
 
 def test_selection_ties_go_to_the_lower_block():
@@ -126,8 +145,7 @@ def test_selection_ties_go_to_the_lower_block():
     inputs = case([45, 18], config, 2, 1, dtype=torch.float32)
     k_cmp = torch.zeros_like(inputs.k_cmp)
     args = (inputs.cu_seqlens, inputs.cu_cmp, config)
-    _, lse = cmp_attention_fwd(inputs.q, k_cmp, inputs.v_cmp, *args)
-    selection = cmp_select(inputs.q, k_cmp, lse, *args)
+    _, _, selection = cmp_attention_select(inputs.q, k_cmp, inputs.v_cmp, *args)
     _, _, probs = reference_cmp(inputs.q, k_cmp, inputs.v_cmp, *args)
     assert torch.equal(selection.long(), select_blocks(probs, inputs.cu_seqlens, config, num_kv_heads=1))
 
@@ -140,13 +158,12 @@ def test_cmp_real_size_gpu(causal, dtype):
     exact = case([2048, 777, 4096, 1], config, 8, 2, dim=64)
     inputs = exact.to(dtype)
     args = (exact.cu_seqlens, exact.cu_cmp, config)
-    out, lse = cmp_attention_fwd(inputs.q, inputs.k_cmp, inputs.v_cmp, *args)
+    out, _, selection = cmp_attention_select(inputs.q, inputs.k_cmp, inputs.v_cmp, *args)
     ref_low = reference_cmp(inputs.q, inputs.k_cmp, inputs.v_cmp, *args)[0]
     ref64 = reference_cmp(exact.q, exact.k_cmp, exact.v_cmp, *args)[0]
     assert_close_to_reference(out, ref_low, ref64, atol=ATOL[dtype], name="o_cmp")
     # Against fp64 scores of the same rounded inputs, only blocks tied to within fp32 rounding of
     # their importance may be ordered differently.
-    selection = cmp_select(inputs.q, inputs.k_cmp, lse, *args)
     rounded = (inputs.q.double(), inputs.k_cmp.double(), inputs.v_cmp.double())
     expected = select_blocks(reference_cmp(*rounded, *args)[2], exact.cu_seqlens, config, num_kv_heads=2)
     assert (selection.long() == expected).float().mean() > 0.99

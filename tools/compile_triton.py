@@ -243,15 +243,16 @@ def launch_module(config: JSAConfig, heads: int, kv_heads: int, dim, dtype: torc
     jsa_compress.compress_bwd(k_cmp, k, weight, pe, cu, cu_cmp, config.block, config.stride)
     # Nothing runs: the outputs that later host code reads get defined values.
     k_cmp, v_cmp = randn(num_blocks, kv_heads, dim), randn(num_blocks, kv_heads, value_dim)
-    o_cmp, lse_cmp = jsa_cmp.cmp_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, config)
+    o_cmp, lse_cmp, _ = jsa_cmp.cmp_attention_select(q, k_cmp, v_cmp, cu, cu_cmp, config)
     jsa_cmp.cmp_select(q, k_cmp, lse_cmp.zero_(), cu, cu_cmp, config)
     selection = torch.zeros(total, kv_heads, config.top_n, dtype=torch.int32)
     _, lse, branches = jsa_sparse.sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu, config,
                                                        store_branches=True)
     dout = randn(total, heads, value_dim)
-    jsa_cmp.cmp_attention_bwd(dout, gates[..., 0], q, k_cmp, v_cmp, o_cmp.zero_(), lse_cmp, cu, cu_cmp, config)
+    *_, delta_cmp = jsa_cmp.cmp_attention_bwd(dout, gates[..., 0], q, k_cmp, v_cmp, o_cmp.zero_(), lse_cmp, cu,
+                                              cu_cmp, config)
     jsa_sparse.sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu, config, branches.zero_(),
-                                    lse.zero_())
+                                    lse.zero_(), cmp=(k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp))
 
 
 def case_label(case) -> str:

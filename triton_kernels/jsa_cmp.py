@@ -1,22 +1,31 @@
 """JSA compressed attention (SPEC §1 cmp) and the top-N block selection it drives (slc).
 
-Forward: FlashAttention over each sequence's compressed keys/values (the values' width Dv may differ
-from the keys' D), one program per (query tile, query head); causal: compressed block i is visible to query t iff i*stride + block - 1 <= t. A
-query that sees no block outputs 0 (its logsumexp is stored as +inf, as jsa_sparse does, so that
-exp(s - lse) is 0). Writes o_cmp and the natural-log logsumexp.
-
-Selection: one program per (aligned tile of select_q_block queries, kv head). It re-scores the
-tile against the compressed keys with the saved logsumexp, so p_cmp is never materialised (it
-would be T x H x T/stride), sums the probabilities over the tile's queries and the group's heads
-into selection-block importance (compressed block i counts for every selection block it
-overlaps), BLOCK_J selection blocks at a time, and keeps a running top-N in registers (ties go
-to the lower block, as in `sparserec.reference.jsa.select_blocks`). Importance is summed in
-fp32; the reference sums fp64, so blocks whose importance ties to within rounding may be ordered
-differently.
+Forward, one launch (`cmp_attention_select`): one program per (aligned tile of select_q_block
+queries, kv head) does both steps of the tile, so the selection needs no second kernel:
+  1. cmp attention: FlashAttention of the tile's rows, for every query head of the group, over the
+     sequence's compressed keys/values (the values' width Dv may differ from the keys' D); causal:
+     compressed block i is visible to query t iff i*stride + block - 1 <= t. A query that sees no
+     block outputs 0 (its logsumexp is stored as +inf, as jsa_sparse does, so that exp(s - lse)
+     is 0). Writes o_cmp and the natural-log logsumexp.
+  2. selection: the tile is re-scored against the compressed keys with the logsumexp of step 1
+     (read back after a barrier), so p_cmp is never materialised (it would be T x H x T/stride);
+     the probabilities summed over the tile's queries and the group's heads give selection-block
+     importance (compressed block i counts for every selection block it overlaps), BLOCK_J
+     selection blocks at a time, and a running top-N stays in registers (ties go to the lower
+     block, as in `sparserec.reference.jsa.select_blocks`). Importance is summed in fp32; the
+     reference sums fp64, so blocks whose importance ties to within rounding may be ordered
+     differently.
+Why one program per (selection tile, kv head): the top-N needs the importance summed over the
+group's heads, so the program that owns a selection owns all of them; keeping both steps in it
+saves a launch and a second read of q, at the price of GROUP-fold fewer programs for step 1
+(at 64k tokens per call that still leaves thousands of programs). `cmp_select` runs step 2 alone
+from an lse computed elsewhere (the FlexAttention composition).
 
 Backward (gated: the op's output is g_cmp * o_cmp + ..., so dO_cmp = g_cmp * dout, fused here):
-dq per (query tile, head); dk_cmp, dv_cmp per (tile of compressed blocks, kv head), looping over
-the group's query heads so GQA needs no atomics. delta = rowsum(dO_cmp * o_cmp) comes in.
+dk_cmp, dv_cmp per (tile of compressed blocks, kv head), looping over the group's query heads so
+GQA needs no atomics; delta = rowsum(dO_cmp * o_cmp) is computed before. The cmp part of dq is
+one more branch of jsa_sparse's query-major backward, which walks each query tile's keys anyway:
+no launch of its own, and dq is written once.
 """
 import math
 
@@ -26,18 +35,6 @@ import triton.language as tl
 
 from .common import (LOG2E, cdiv, chosen_config, dot_precision, empty, jagged_tiles, launch_configs, max_tiles,
                      next_power_of_2, tile_bounds)
-
-# Query rows per program of the forward and dq kernels (fixed: the tile map is built before launch).
-BLOCK_M = 64
-
-
-def _kv_configs():
-    return launch_configs([
-        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
-    ])
-
 
 @triton.jit
 def _visible_blocks(last_row, num_cmp, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr):
@@ -49,24 +46,16 @@ def _visible_blocks(last_row, num_cmp, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.c
         return num_cmp
 
 
-@triton.autotune(configs=_kv_configs(), key=["HEAD_DIM", "VALUE_DIM", "CAUSAL"])
 @triton.jit
-def _cmp_fwd(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr, qk_scale,
+def _cmp_attend_rows(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bos, rows, row_ok, head, kv_head, cmp_bos, num_visible, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lt, stride_lh,
-    GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    head = tl.program_id(1)
-    seq, bos, length, start = tile_bounds(tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, tl.program_id(0))
-    if seq < 0:
-        return
-    kv_head = head // GROUP
-    cmp_bos = tl.load(cu_cmp_ptr + seq).to(tl.int32)
-    num_cmp = tl.load(cu_cmp_ptr + seq + 1).to(tl.int32) - cmp_bos
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
+    """FlashAttention of BLOCK_M query rows of one head over their visible compressed blocks:
+    stores o_cmp and the natural-log logsumexp (+inf for a row that sees nothing)."""
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     vdims = tl.arange(0, BLOCK_DV)
@@ -74,8 +63,6 @@ def _cmp_fwd(
     tokens = (bos + rows).to(tl.int64)
     q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    num_visible = _visible_blocks(tl.minimum(start + BLOCK_M, length) - 1, num_cmp, CMP_BLOCK, CMP_STRIDE, CAUSAL)
-
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
@@ -109,14 +96,19 @@ def _cmp_fwd(
 
 
 @triton.jit
-def _cmp_select(
-    q_ptr, k_ptr, lse_ptr, sel_ptr, tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr, qk_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh, stride_st, stride_sh,
+def _cmp_fwd_select(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, sel_ptr, tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr,
+    qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_lt, stride_lh, stride_st, stride_sh,
     GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
     SELECT_Q_BLOCK: tl.constexpr, TOP_N: tl.constexpr, TOP_N_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    ATTEND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VALUE_DIM: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
+    """Program (selection tile, kv head). ATTEND: first the cmp forward of the tile's rows for
+    every head of the group (o_cmp, lse); then the top-N selection from that lse (without
+    ATTEND, from the lse passed in)."""
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq, bos, length, start = tile_bounds(tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, pid)
@@ -132,6 +124,21 @@ def _cmp_select(
     else:
         num_eligible = num_sel
     num_visible = _visible_blocks(last, num_cmp, CMP_BLOCK, CMP_STRIDE, CAUSAL)
+    if ATTEND:
+        for g in range(GROUP):
+            for m0 in range(0, SELECT_Q_BLOCK, BLOCK_M):
+                local = m0 + tl.arange(0, BLOCK_M)
+                rows = start + local
+                row_ok = (local < SELECT_Q_BLOCK) & (rows < length)
+                chunk_last = tl.minimum(start + tl.minimum(m0 + BLOCK_M, SELECT_Q_BLOCK), length) - 1
+                _cmp_attend_rows(
+                    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bos, rows, row_ok, kv_head * GROUP + g, kv_head, cmp_bos,
+                    _visible_blocks(chunk_last, num_cmp, CMP_BLOCK, CMP_STRIDE, CAUSAL), qk_scale,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                    stride_lt, stride_lh, CMP_BLOCK, CMP_STRIDE, CAUSAL, HEAD_DIM, BLOCK_D, VALUE_DIM, BLOCK_DV,
+                    PRECISION, BLOCK_M, BLOCK_N)
+        # The selection below reads the lse rows other threads of this program just stored.
+        tl.debug_barrier()
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     slots = tl.arange(0, TOP_N_PAD)
@@ -194,61 +201,6 @@ def _cmp_select(
     chosen = tl.sort(tl.where(best_score >= 0, best_index, none))
     chosen = tl.where(chosen == none, -1, chosen)
     tl.store(sel_ptr + pid.to(tl.int64) * stride_st + kv_head * stride_sh + slots, chosen, mask=slots < TOP_N)
-
-
-@triton.autotune(configs=_kv_configs(), key=["HEAD_DIM", "VALUE_DIM", "CAUSAL"])
-@triton.jit
-def _cmp_bwd_dq(
-    q_ptr, k_ptr, v_ptr, dout_ptr, gate_ptr, lse_ptr, delta_ptr, dq_ptr,
-    tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr, qk_scale, sm_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh, stride_gt, stride_gh,
-    stride_lt, stride_lh, stride_dqt, stride_dqh,
-    GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    head = tl.program_id(1)
-    seq, bos, length, start = tile_bounds(tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, tl.program_id(0))
-    if seq < 0:
-        return
-    kv_head = head // GROUP
-    cmp_bos = tl.load(cu_cmp_ptr + seq).to(tl.int32)
-    num_cmp = tl.load(cu_cmp_ptr + seq + 1).to(tl.int32) - cmp_bos
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
-    vdims = tl.arange(0, BLOCK_DV)
-    vdim_ok = vdims < VALUE_DIM
-    tokens = (bos + rows).to(tl.int64)
-    mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=mask, other=0.0)
-    gate = tl.load(gate_ptr + tokens * stride_gt + head * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
-    dout = tl.load(dout_ptr + tokens[:, None] * stride_dt + head * stride_dh + vdims[None, :],
-                   mask=row_ok[:, None] & vdim_ok[None, :], other=0.0)
-    do = (dout.to(tl.float32) * gate[:, None]).to(dout.dtype)
-    lse = tl.load(lse_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0) * LOG2E
-    delta = tl.load(delta_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0)
-    num_visible = _visible_blocks(tl.minimum(start + BLOCK_M, length) - 1, num_cmp, CMP_BLOCK, CMP_STRIDE, CAUSAL)
-
-    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for n0 in range(0, num_visible, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < num_visible
-        blocks = (cmp_bos + cols).to(tl.int64)
-        k = tl.load(k_ptr + blocks[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + blocks[:, None] * stride_vt + kv_head * stride_vh + vdims[None, :],
-                    mask=col_ok[:, None] & vdim_ok[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= rows[:, None])
-        p = tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    tl.store(dq_ptr + tokens[:, None] * stride_dqt + head * stride_dqh + dims[None, :], dq * sm_scale, mask=mask)
 
 
 def _dkv_configs_without_spills(configs, named_args, **kwargs):
@@ -333,11 +285,12 @@ def _cmp_bwd_dkv(
 
 def launch_geometry(config, head_dim: int) -> dict:
     """Tile sizes of this module's launches for a JSA config; sparserec.flops counts executed FLOPs
-    from them. An autotuned size is the one last chosen (before any launch: the first candidate)."""
+    from them. An autotuned size is the one last chosen (before any launch: the first candidate).
+    select_block_m / select_block_n: query rows per step and compressed blocks per chunk of the
+    fused forward, in both its cmp attention and its selection re-scoring."""
     select_block_m = min(64, max(16, next_power_of_2(config.select_q_block)))
     return dict(
-        block_d=max(16, next_power_of_2(head_dim)), block_m=BLOCK_M,
-        fwd_block_n=chosen_config(_cmp_fwd).kwargs["BLOCK_N"], dq_block_n=chosen_config(_cmp_bwd_dq).kwargs["BLOCK_N"],
+        block_d=max(16, next_power_of_2(head_dim)),
         # Compressed blocks per dk/dv program: with 64, configs spilled at every head dim
         # (tools/compile_triton.py); 32 halves the fp32 dk, dv and the score tiles.
         dkv_block_n=32, dkv_block_m=chosen_config(_cmp_bwd_dkv).kwargs["BLOCK_M"],
@@ -357,22 +310,38 @@ def _meta(q, k_cmp, config, v_cmp=None):
     return meta
 
 
-def cmp_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config):
-    """o_cmp (T_total, H, Dv) in q's dtype and its logsumexp (T_total, H) fp32 (+inf: nothing visible)."""
+def _fwd_select(q, k_cmp, v_cmp, out, lse, cu_seqlens, cu_cmp, config, attend: bool) -> torch.Tensor:
     total, heads, dim = q.shape
+    kv_heads = k_cmp.shape[1]
+    tile = config.select_q_block
+    num_tiles = max_tiles(total, cu_seqlens.numel() - 1, tile)
+    tile_seq, tile_start = jagged_tiles(cu_seqlens, tile, num_tiles)
+    per_tile = torch.empty(num_tiles, kv_heads, config.top_n, dtype=torch.int32, device=q.device)
+    geometry = launch_geometry(config, dim)
+    _cmp_fwd_select[(num_tiles, kv_heads)](
+        q, k_cmp, v_cmp, out, lse, per_tile, tile_seq, tile_start, cu_seqlens, cu_cmp, LOG2E.value / math.sqrt(dim),
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), per_tile.stride(0), per_tile.stride(1),
+        SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=tile, TOP_N=config.top_n,
+        TOP_N_PAD=max(2, next_power_of_2(config.top_n)), ATTEND=attend,
+        BLOCK_M=geometry["select_block_m"], BLOCK_N=geometry["select_block_n"], BLOCK_J=geometry["select_block_j"],
+        # Head dim 128 with 4 warps used all 255 registers a thread (no spill, but no headroom).
+        num_warps=4 if max(dim, v_cmp.shape[-1]) <= 64 else 8, **_meta(q, k_cmp, config, v_cmp),
+    )
+    return per_tile[token_tiles(cu_seqlens, tile, total)]
+
+
+def cmp_attention_select(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config):
+    """One launch: o_cmp (T_total, H, Dv) in q's dtype, its logsumexp (T_total, H) fp32 (+inf:
+    nothing visible) and the top-N selection blocks (T_total, Hkv, top_n) int32, ascending, -1
+    padded (SPEC §1 cmp and slc)."""
+    total, heads, _ = q.shape
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     out = empty((total, heads, v_cmp.shape[-1]), q.dtype, q.device)
     lse = empty((total, heads), torch.float32, q.device)
     if total == 0:
-        return out, lse
-    num_tiles = max_tiles(total, cu_seqlens.numel() - 1, BLOCK_M)
-    tile_seq, tile_start = jagged_tiles(cu_seqlens, BLOCK_M, num_tiles)
-    _cmp_fwd[(num_tiles, heads)](
-        q, k_cmp, v_cmp, out, lse, tile_seq, tile_start, cu_seqlens, cu_cmp, LOG2E.value / math.sqrt(dim),
-        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), BLOCK_M=BLOCK_M, **_meta(q, k_cmp, config, v_cmp),
-    )
-    return out, lse
+        return out, lse, torch.empty(0, k_cmp.shape[1], config.top_n, dtype=torch.int32, device=q.device)
+    return out, lse, _fwd_select(q, k_cmp, v_cmp, out, lse, cu_seqlens, cu_cmp, config, attend=True)
 
 
 def token_tiles(cu_seqlens, block: int, total: int) -> torch.Tensor:
@@ -386,31 +355,20 @@ def token_tiles(cu_seqlens, block: int, total: int) -> torch.Tensor:
 
 
 def cmp_select(q, k_cmp, lse, cu_seqlens, cu_cmp, config) -> torch.Tensor:
-    """Top-N selection blocks (T_total, Hkv, top_n) int32, ascending, -1 padded (SPEC §1 slc)."""
-    total, heads, dim = q.shape
-    kv_heads = k_cmp.shape[1]
-    q, k_cmp = q.contiguous(), k_cmp.contiguous()
-    tile = config.select_q_block
-    num_tiles = max_tiles(total, cu_seqlens.numel() - 1, tile)
-    tile_seq, tile_start = jagged_tiles(cu_seqlens, tile, num_tiles)
-    per_tile = torch.empty(num_tiles, kv_heads, config.top_n, dtype=torch.int32, device=q.device)
+    """The selection alone, from a cmp logsumexp computed elsewhere (the FlexAttention composition
+    of benchmarks/flex_jsa.py): the same kernel without its attention phase."""
+    total = q.shape[0]
     if total == 0:
-        return per_tile[:0]
-    geometry = launch_geometry(config, dim)
-    _cmp_select[(num_tiles, kv_heads)](
-        q, k_cmp, lse, per_tile, tile_seq, tile_start, cu_seqlens, cu_cmp, LOG2E.value / math.sqrt(dim),
-        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse.stride(0), lse.stride(1),
-        per_tile.stride(0), per_tile.stride(1),
-        SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=tile, TOP_N=config.top_n,
-        TOP_N_PAD=max(2, next_power_of_2(config.top_n)),
-        BLOCK_M=geometry["select_block_m"], BLOCK_N=geometry["select_block_n"], BLOCK_J=geometry["select_block_j"],
-        **_meta(q, k_cmp, config),
-    )
-    return per_tile[token_tiles(cu_seqlens, tile, total)]
+        return torch.empty(0, k_cmp.shape[1], config.top_n, dtype=torch.int32, device=q.device)
+    q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    # The attention phase is compiled out; its pointers only need the right dtypes.
+    return _fwd_select(q, k_cmp, k_cmp, q, lse, cu_seqlens, cu_cmp, config, attend=False)
 
 
 def cmp_attention_bwd(dout, gate, q, k_cmp, v_cmp, o_cmp, lse, cu_seqlens, cu_cmp, config):
-    """Gradients of sum(dout * gate[..., None] * o_cmp): dq (fp32), dk_cmp, dv_cmp, dgate (fp32).
+    """Gradients of sum(dout * gate[..., None] * o_cmp) but dq: dk_cmp, dv_cmp, dgate (fp32), and
+    delta = gate * dgate (T_total, H) fp32, with which jsa_sparse's query-major backward adds the
+    cmp part of dq (`sparse_attention_bwd(..., cmp=...)`).
 
     gate (T_total, H) may be a strided view (gates[..., 0]).
     """
@@ -419,33 +377,19 @@ def cmp_attention_bwd(dout, gate, q, k_cmp, v_cmp, o_cmp, lse, cu_seqlens, cu_cm
     dout, q, k_cmp, v_cmp, lse = dout.contiguous(), q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), lse.contiguous()
     dgate = (dout.float() * o_cmp.float()).sum(-1)
     delta = (gate.float() * dgate).contiguous()
-    dq = empty(q.shape, torch.float32, q.device)
     # Zeros: k_cmp / v_cmp may end in padding rows (past cu_cmp[-1]) that no program owns.
     dk_cmp, dv_cmp = torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
-    if total == 0:
-        return dq, dk_cmp, dv_cmp, dgate
-    qk_scale, sm_scale = LOG2E.value / math.sqrt(dim), 1.0 / math.sqrt(dim)
-    meta = _meta(q, k_cmp, config, v_cmp)
-    num_tiles = max_tiles(total, cu_seqlens.numel() - 1, BLOCK_M)
-    tile_seq, tile_start = jagged_tiles(cu_seqlens, BLOCK_M, num_tiles)
-    _cmp_bwd_dq[(num_tiles, heads)](
-        q, k_cmp, v_cmp, dout, gate, lse, delta, dq, tile_seq, tile_start, cu_seqlens, cu_cmp, qk_scale, sm_scale,
-        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
-        dout.stride(0), dout.stride(1),
-        gate.stride(0), gate.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
-        BLOCK_M=BLOCK_M, **meta,
-    )
     num_blocks = k_cmp.shape[0]
-    if num_blocks:
+    if total and num_blocks:
         block_n = launch_geometry(config, dim)["dkv_block_n"]
         num_tiles = max_tiles(num_blocks, cu_cmp.numel() - 1, block_n)
         tile_seq, tile_start = jagged_tiles(cu_cmp, block_n, num_tiles)
         _cmp_bwd_dkv[(num_tiles, kv_heads)](
             q, k_cmp, v_cmp, dout, gate, lse, delta, dk_cmp, dv_cmp, tile_seq, tile_start, cu_seqlens, cu_cmp,
-            qk_scale, sm_scale,
+            LOG2E.value / math.sqrt(dim), 1.0 / math.sqrt(dim),
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
             dout.stride(0), dout.stride(1),
             gate.stride(0), gate.stride(1), lse.stride(0), lse.stride(1),
-            BLOCK_N=block_n, **meta,
+            BLOCK_N=block_n, **_meta(q, k_cmp, config, v_cmp),
         )
-    return dq, dk_cmp, dv_cmp, dgate
+    return dk_cmp, dv_cmp, dgate, delta

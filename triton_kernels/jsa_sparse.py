@@ -27,7 +27,8 @@ Interface (called by sparserec.ops.triton_backend):
 
 Backward, three kernels:
   1. query-major (the forward's walk again): d(gate_b) = <dout, o_b>, delta_b = g_b * d(gate_b),
-     and dq;
+     and dq; given `cmp=` it also walks the tile's visible compressed keys, so dq holds the cmp
+     branch's part too (jsa_cmp computes that branch's delta and dk_cmp, dv_cmp);
   2. anchor-major: the jrn part of dk/dv for chunks of a sequence's anchors, in fp32, compact
      by anchor rank;
   3. key-major over selection blocks: the slc and win parts of dk/dv, plus the jrn part of the
@@ -161,9 +162,27 @@ def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList,
                  seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, offs_dv, dv_ok, qk_scale,
                  BRANCH: tl.constexpr, BACKWARD: tl.constexpr, CAUSAL: tl.constexpr,
                  TOP_N: tl.constexpr, SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr,
-                 WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Visit every key chunk a query tile sees in one branch (K, V, Sel at its kv head)."""
-    if BRANCH == 0:  # slc: the selected blocks of each selection tile the query tile overlaps
+                 WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                 CMP_BLOCK: tl.constexpr = 1, CMP_STRIDE: tl.constexpr = 1):
+    """Visit every key chunk a query tile sees in one branch (K, V, Sel at its kv head). Branch 3,
+    cmp, walks the sequence's compressed keys: K, V at its first block, `length` its block count."""
+    if BRANCH == 3:  # cmp: compressed block i is visible to t iff i*stride + block - 1 <= t
+        if CAUSAL:
+            reach = tl.where(tile_last >= CMP_BLOCK - 1, (tile_last - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
+            num_visible = tl.minimum(reach, length)
+        else:
+            num_visible = length
+        for start in range(0, num_visible, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < num_visible
+            k = _load_rows(K, cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
+            v = _load_rows(V, cols, col_ok, stride_vt, offs_dv, dv_ok, stride_vd)
+            visible = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= rows[:, None])
+            acc, m_i, l_i = _query_step(acc, m_i, l_i, q, do, lse2, delta, gate, k, v,
+                                        visible, qk_scale, BACKWARD, PRECISION)
+    elif BRANCH == 0:  # slc: the selected blocks of each selection tile the query tile overlaps
         for sel_tile in range(tile_start // SELECT_Q_BLOCK, tile_last // SELECT_Q_BLOCK + 1):
             sel_row = seq_start + tl.maximum(sel_tile * SELECT_Q_BLOCK, tile_start)
             in_tile = row_ok & (rows // SELECT_Q_BLOCK == sel_tile)
@@ -226,19 +245,23 @@ def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList,
 @triton.jit
 def _query_major_kernel(
     Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens, TileSeq, TileStart,
-    Out, Lse, Branches, DO, Delta, DGates,
+    Out, Lse, Branches, DO, Delta, DGates, KCmp, VCmp, CuCmp, LseCmp, DeltaCmp,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
     stride_st, stride_sh, stride_sn, stride_ot, stride_oh, stride_od,
     stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc,
+    stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
     total_tokens, num_heads, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, TOP_N: tl.constexpr,
     SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
     CAUSAL: tl.constexpr, BACKWARD: tl.constexpr, STORE_BRANCHES: tl.constexpr,
+    WITH_CMP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Forward (Out = gated output, Lse, Branches) or, with BACKWARD, dq (Out), Delta, DGates.
+    """Forward (Out = gated output, Lse, Branches) or, with BACKWARD, dq (Out), Delta, DGates;
+    with WITH_CMP (backward) dq also takes the cmp branch's part (compressed keys KCmp/VCmp of
+    contiguous rows, its LseCmp and DeltaCmp (T_total, H) and the gate channel 0).
 
     Program (tile, query head); TileSeq/TileStart map tiles to sequences (-1: idle program).
     """
@@ -308,6 +331,20 @@ def _query_major_kernel(
                 tl.store(Branches + branch_rows[:, None] + offs_dv[None, :],
                          o_branch.to(Branches.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
             total += gate[:, None] * o_branch
+    if WITH_CMP:
+        cmp_bos = tl.load(CuCmp + seq).to(tl.int64)
+        num_cmp = tl.load(CuCmp + seq + 1).to(tl.int32) - cmp_bos.to(tl.int32)
+        stat = rows_global * stride_lct + h * stride_lch
+        gate = tl.load(G + rows_global * stride_gt + h * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
+        lse2 = tl.load(LseCmp + stat, mask=row_ok, other=float("inf")) * LOG2E
+        delta = tl.load(DeltaCmp + stat, mask=row_ok, other=0.0)
+        total, _, _ = _walk_branch(
+            total, lse2, lse2, q, do, lse2, delta, gate, KCmp + cmp_bos * stride_kct + kv_head * stride_kch,
+            VCmp + cmp_bos * stride_vct + kv_head * stride_vch, Sel, AnchorList, AnchorPrefix,
+            stride_kct, 1, stride_vct, 1, stride_st, stride_sn,
+            seq_start, num_cmp, tile_start, tile_last, rows, row_ok, offs_d, d_ok, offs_dv, dv_ok,
+            qk_scale, 3, BACKWARD, CAUSAL, TOP_N, SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW,
+            BLOCK_N, PRECISION, CMP_BLOCK, CMP_STRIDE)
     if BACKWARD:
         total *= sm_scale
         tl.store(Out + rows_global[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
@@ -501,7 +538,8 @@ def _local_dkdv_kernel(
 
 
 def _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, lse, branches,
-                 dout, delta, dgates, geometry):
+                 dout, delta, dgates, geometry, cmp=None):
+    """cmp (backward only): (k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp) adds the cmp branch to dq."""
     total, heads, dim = q.shape
     block_m = geometry["block_m"]
     backward = dout is not None
@@ -511,17 +549,21 @@ def _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, ls
     # The forward's unused pointers point at real tensors of the right dtype.
     dout_ = dout if backward else q
     dgates_ = dgates if backward else gates
+    k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp = cmp if cmp is not None else (k, v, cu_seqlens, lse, lse)
+    k_cmp, v_cmp = k_cmp.contiguous(), v_cmp.contiguous()
     _query_major_kernel[(num_programs, heads)](
         q, k, v, gates, selection, anchor_list, anchor_prefix, cu_seqlens, tile_seq, tile_start,
         out, lse, out if branches is None else branches, dout_, lse if delta is None else delta,
-        dgates_,
+        dgates_, k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp,
         *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *selection.stride(),
         *out.stride(), *dout_.stride(), *dgates_.stride(),
+        k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
         total, heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5,
         GROUP=heads // k.shape[1], HEAD_DIM=dim, VALUE_DIM=v.shape[-1], TOP_N=config.top_n,
         SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
         WINDOW=config.window, CAUSAL=config.causal, BACKWARD=backward,
-        STORE_BRANCHES=branches is not None, BLOCK_M=block_m, BLOCK_N=geometry["block_n"],
+        STORE_BRANCHES=branches is not None, WITH_CMP=cmp is not None, CMP_BLOCK=config.block,
+        CMP_STRIDE=config.stride, BLOCK_M=block_m, BLOCK_N=geometry["block_n"],
         BLOCK_D=geometry["block_d"], BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype),
         num_warps=geometry["num_warps"], num_stages=2,
     )
@@ -545,8 +587,12 @@ def sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens, con
 
 
 def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlens,
-                         config, branches, lse, block_m=None, block_n=None):
-    """-> (dq, dk, dv, dgates (T_total, H, 3)); `branches` and `lse` come from the forward."""
+                         config, branches, lse, block_m=None, block_n=None, cmp=None):
+    """-> (dq, dk, dv, dgates (T_total, H, 3)); `branches` and `lse` come from the forward.
+
+    cmp = (k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp): dq also holds the cmp branch's part, gated by
+    gates[..., 0] (delta_cmp = g_cmp * rowsum(dout * o_cmp), (T_total, H) fp32 like lse_cmp).
+    """
     total, heads, dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
     batch = cu_seqlens.shape[0] - 1
@@ -562,7 +608,7 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     anchor_prefix = _anchor_prefix(anchor_mask)
     delta = empty((NUM_BRANCHES, heads, total), torch.float32, q.device)
     _query_major(q, k, v, gates, selection, (anchor_list, anchor_prefix), cu_seqlens, config,
-                 dq, lse, branches, dout, delta, dgates, geometry)
+                 dq, lse, branches, dout, delta, dgates, geometry, cmp)
 
     shared = dict(GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=value_dim, CAUSAL=config.causal,
                   BLOCK_M=geometry["dkv_block_m"], BLOCK_N=block_n, BLOCK_D=geometry["block_d"],

@@ -14,12 +14,13 @@ Ops (torch.library, each with a fake kernel; the forward ops carry their autogra
 
 The attention forward runs, with no host synchronisation (grids are bounds from shapes; idle
 programs exit), so it can be captured in a CUDA graph and traced by torch.compile:
-  1. jsa_cmp.cmp_attention_fwd    o_cmp, lse_cmp
-  2. jsa_cmp.cmp_select           selection (T_total, Hkv, top_n) int32, from the cmp probabilities
-  3. jsa_sparse.sparse_attention_fwd   g_slc*o_slc + g_jrn*o_jrn + g_win*o_win
-  4. out = that + g_cmp * o_cmp
-Backward: jsa_cmp.cmp_attention_bwd (dq part, dk_cmp, dv_cmp, d g_cmp) and
-jsa_sparse.sparse_attention_bwd (dq part, dk, dv, d g_slc/jrn/win); selection is not differentiated.
+  1. jsa_cmp.cmp_attention_select   o_cmp, lse_cmp and the selection (T_total, Hkv, top_n) int32
+                                     from the cmp probabilities, in one launch
+  2. jsa_sparse.sparse_attention_fwd   g_slc*o_slc + g_jrn*o_jrn + g_win*o_win
+  3. out = that + g_cmp * o_cmp
+Backward: jsa_cmp.cmp_attention_bwd (dk_cmp, dv_cmp, d g_cmp and the cmp delta) and
+jsa_sparse.sparse_attention_bwd (dq of all four branches, dk, dv, d g_slc/jrn/win); selection is not
+differentiated.
 
 Interface with triton_kernels/jsa_sparse.py (its module docstring is the authority):
     out, lse, branches = sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens,
@@ -102,8 +103,7 @@ def triton_jsa_attention(
     select_q_block: int, window: int, causal: bool, store_branches: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     config = _config(block, stride, select_block, top_n, select_q_block, window, causal)
-    o_cmp, lse_cmp = jsa_cmp.cmp_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config)
-    selection = jsa_cmp.cmp_select(q, k_cmp, lse_cmp, cu_seqlens, cu_cmp, config)
+    o_cmp, lse_cmp, selection = jsa_cmp.cmp_attention_select(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config)
     out, lse_sparse, branches = jsa_sparse.sparse_attention_fwd(
         q, k, v, gates, selection, anchor_mask, cu_seqlens, config, store_branches=store_branches)
     out.addcmul_(gates[..., 0:1], o_cmp)
@@ -132,11 +132,11 @@ def triton_jsa_attention_backward(
     select_q_block: int, window: int, causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     config = _config(block, stride, select_block, top_n, select_q_block, window, causal)
-    dq_cmp, dk_cmp, dv_cmp, dgate_cmp = jsa_cmp.cmp_attention_bwd(
+    dk_cmp, dv_cmp, dgate_cmp, delta_cmp = jsa_cmp.cmp_attention_bwd(
         dout, gates[..., 0], q, k_cmp, v_cmp, o_cmp, lse_cmp, cu_seqlens, cu_cmp, config)
     dq, dk, dv, dgates = jsa_sparse.sparse_attention_bwd(
-        dout, q, k, v, gates, selection, anchor_mask, cu_seqlens, config, branches, lse_sparse)
-    dq = dq_cmp.add_(dq).to(q.dtype)
+        dout, q, k, v, gates, selection, anchor_mask, cu_seqlens, config, branches, lse_sparse,
+        cmp=(k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp))
     dgates = torch.cat([dgate_cmp.to(dgates.dtype)[..., None], dgates], dim=-1)
     return dq, dk, dv, dk_cmp, dv_cmp, dgates
 
