@@ -247,7 +247,7 @@ def launch_module(config: JSAConfig, heads: int, kv_heads: int, dim, dtype: torc
     jsa_cmp.cmp_select(q, k_cmp, lse_cmp.zero_(), cu, cu_cmp, config)
     selection = torch.zeros(total, kv_heads, config.top_n, dtype=torch.int32)
     _, lse, branches = jsa_sparse.sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu, config,
-                                                       store_branches=True)
+                                                       store_branches=True, o_cmp=o_cmp)
     dout = randn(total, heads, value_dim)
     *_, delta_cmp = jsa_cmp.cmp_attention_bwd(dout, gates[..., 0], q, k_cmp, v_cmp, o_cmp.zero_(), lse_cmp, cu,
                                               cu_cmp, config)

@@ -8,16 +8,17 @@ its own online softmax; the gated sum g_slc*o_slc + g_jrn*o_jrn + g_win*o_win is
 Interface (called by sparserec.ops.triton_backend):
 
     out, lse, branches = sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens,
-                                              config, store_branches=False)
+                                              config, store_branches=False, o_cmp=None)
     dq, dk, dv, dgates = sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask,
-                                              cu_seqlens, config, branches, lse)
+                                              cu_seqlens, config, branches, lse, cmp=None)
 
   q (T_total, H, D); k (T_total, Hkv, D), v (T_total, Hkv, Dv) with H % Hkv == 0; gates (T_total, H, 4), of which
-  channels 1, 2, 3 = (slc, jrn, win) are used (channel 0, cmp, is not read); selection
+  channels 1, 2, 3 = (slc, jrn, win) are used (channel 0, cmp, only with o_cmp / cmp); selection
   (T_total, Hkv, top_n) integer: each token's selection tile's blocks, sequence-local, -1
   padded, shared by the config.select_q_block tokens of an aligned tile; anchor_mask (T_total,)
   bool; cu_seqlens (B+1,) integer offsets. Any strides; all on one device.
-  out (T_total, H, Dv) in q's dtype (Dv may differ from D: extra value columns of the same P·V).
+  out (T_total, H, Dv) in q's dtype (Dv may differ from D: extra value columns of the same P·V),
+  plus g_cmp * o_cmp when the cmp branch's output o_cmp is passed (the op's whole gated sum).
   lse (3, H, T_total) fp32: per branch (slc, jrn, win) the natural-log logsumexp of the scaled
   scores, +inf where a query sees no key in that branch (its output is 0).
   branches (3, T_total, H, Dv) in q's dtype: o_slc, o_jrn, o_win, stored only when
@@ -245,12 +246,12 @@ def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList,
 @triton.jit
 def _query_major_kernel(
     Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens, TileSeq, TileStart,
-    Out, Lse, Branches, DO, Delta, DGates, KCmp, VCmp, CuCmp, LseCmp, DeltaCmp,
+    Out, Lse, Branches, DO, Delta, DGates, OCmp, KCmp, VCmp, CuCmp, LseCmp, DeltaCmp,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
     stride_st, stride_sh, stride_sn, stride_ot, stride_oh, stride_od,
     stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc,
-    stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
+    stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
     total_tokens, num_heads, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, TOP_N: tl.constexpr,
     SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
@@ -259,9 +260,10 @@ def _query_major_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Forward (Out = gated output, Lse, Branches) or, with BACKWARD, dq (Out), Delta, DGates;
-    with WITH_CMP (backward) dq also takes the cmp branch's part (compressed keys KCmp/VCmp of
-    contiguous rows, its LseCmp and DeltaCmp (T_total, H) and the gate channel 0).
+    """Forward (Out = gated output, Lse, Branches) or, with BACKWARD, dq (Out), Delta, DGates.
+    WITH_CMP, forward: Out also gets the gated cmp output g_cmp * OCmp (gate channel 0);
+    backward: dq also takes the cmp branch's part (compressed keys KCmp/VCmp of contiguous rows,
+    its LseCmp and DeltaCmp (T_total, H) and the gate channel 0).
 
     Program (tile, query head); TileSeq/TileStart map tiles to sequences (-1: idle program).
     """
@@ -331,7 +333,12 @@ def _query_major_kernel(
                 tl.store(Branches + branch_rows[:, None] + offs_dv[None, :],
                          o_branch.to(Branches.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
             total += gate[:, None] * o_branch
-    if WITH_CMP:
+    if WITH_CMP and not BACKWARD:
+        gate = tl.load(G + rows_global * stride_gt + h * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
+        o_cmp = tl.load(OCmp + rows_global[:, None] * stride_oct + h * stride_och + offs_dv[None, :],
+                        mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+        total += gate[:, None] * o_cmp
+    if WITH_CMP and BACKWARD:
         cmp_bos = tl.load(CuCmp + seq).to(tl.int64)
         num_cmp = tl.load(CuCmp + seq + 1).to(tl.int32) - cmp_bos.to(tl.int32)
         stat = rows_global * stride_lct + h * stride_lch
@@ -538,8 +545,9 @@ def _local_dkdv_kernel(
 
 
 def _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, lse, branches,
-                 dout, delta, dgates, geometry, cmp=None):
-    """cmp (backward only): (k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp) adds the cmp branch to dq."""
+                 dout, delta, dgates, geometry, o_cmp=None, cmp=None):
+    """o_cmp (forward): the cmp branch's output, added gated to out. cmp (backward):
+    (k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp) adds the cmp branch's part to dq."""
     total, heads, dim = q.shape
     block_m = geometry["block_m"]
     backward = dout is not None
@@ -549,20 +557,23 @@ def _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, ls
     # The forward's unused pointers point at real tensors of the right dtype.
     dout_ = dout if backward else q
     dgates_ = dgates if backward else gates
+    with_cmp = (cmp if backward else o_cmp) is not None
     k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp = cmp if cmp is not None else (k, v, cu_seqlens, lse, lse)
     k_cmp, v_cmp = k_cmp.contiguous(), v_cmp.contiguous()
+    o_cmp = out if o_cmp is None else o_cmp
     _query_major_kernel[(num_programs, heads)](
         q, k, v, gates, selection, anchor_list, anchor_prefix, cu_seqlens, tile_seq, tile_start,
         out, lse, out if branches is None else branches, dout_, lse if delta is None else delta,
-        dgates_, k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp,
+        dgates_, o_cmp, k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp,
         *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *selection.stride(),
         *out.stride(), *dout_.stride(), *dgates_.stride(),
-        k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
+        o_cmp.stride(0), o_cmp.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
+        lse_cmp.stride(0), lse_cmp.stride(1),
         total, heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5,
         GROUP=heads // k.shape[1], HEAD_DIM=dim, VALUE_DIM=v.shape[-1], TOP_N=config.top_n,
         SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
         WINDOW=config.window, CAUSAL=config.causal, BACKWARD=backward,
-        STORE_BRANCHES=branches is not None, WITH_CMP=cmp is not None, CMP_BLOCK=config.block,
+        STORE_BRANCHES=branches is not None, WITH_CMP=with_cmp, CMP_BLOCK=config.block,
         CMP_STRIDE=config.stride, BLOCK_M=block_m, BLOCK_N=geometry["block_n"],
         BLOCK_D=geometry["block_d"], BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype),
         num_warps=geometry["num_warps"], num_stages=2,
@@ -570,8 +581,10 @@ def _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, ls
 
 
 def sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens, config,
-                         store_branches: bool = False, block_m=None, block_n=None):
-    """Gated slc + jrn + win attention -> (out, lse, branches or None); see the module doc."""
+                         store_branches: bool = False, block_m=None, block_n=None, o_cmp=None):
+    """Gated slc + jrn + win attention -> (out, lse, branches or None); see the module doc.
+    With o_cmp (T_total, H, Dv), the cmp branch's output, out is the whole gated sum
+    g_cmp*o_cmp + g_slc*o_slc + g_jrn*o_jrn + g_win*o_win (gate channel 0 for cmp)."""
     total, heads, dim = q.shape
     value_dim = v.shape[-1]
     geometry = launch_geometry(config, dim, block_m, block_n, value_dim)
@@ -582,7 +595,7 @@ def sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens, con
         return out, lse, branches
     anchors = (anchor_index(anchor_mask, cu_seqlens)[0], _anchor_prefix(anchor_mask))
     _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, lse, branches,
-                 None, None, None, geometry)
+                 None, None, None, geometry, o_cmp=o_cmp)
     return out, lse, branches
 
 
@@ -608,7 +621,7 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     anchor_prefix = _anchor_prefix(anchor_mask)
     delta = empty((NUM_BRANCHES, heads, total), torch.float32, q.device)
     _query_major(q, k, v, gates, selection, (anchor_list, anchor_prefix), cu_seqlens, config,
-                 dq, lse, branches, dout, delta, dgates, geometry, cmp)
+                 dq, lse, branches, dout, delta, dgates, geometry, cmp=cmp)
 
     shared = dict(GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=value_dim, CAUSAL=config.causal,
                   BLOCK_M=geometry["dkv_block_m"], BLOCK_N=block_n, BLOCK_D=geometry["block_d"],

@@ -16,18 +16,18 @@ The attention forward runs, with no host synchronisation (grids are bounds from 
 programs exit), so it can be captured in a CUDA graph and traced by torch.compile:
   1. jsa_cmp.cmp_attention_select   o_cmp, lse_cmp and the selection (T_total, Hkv, top_n) int32
                                      from the cmp probabilities, in one launch
-  2. jsa_sparse.sparse_attention_fwd   g_slc*o_slc + g_jrn*o_jrn + g_win*o_win
-  3. out = that + g_cmp * o_cmp
+  2. jsa_sparse.sparse_attention_fwd   out = g_cmp*o_cmp + g_slc*o_slc + g_jrn*o_jrn + g_win*o_win
 Backward: jsa_cmp.cmp_attention_bwd (dk_cmp, dv_cmp, d g_cmp and the cmp delta) and
 jsa_sparse.sparse_attention_bwd (dq of all four branches, dk, dv, d g_slc/jrn/win); selection is not
 differentiated.
 
 Interface with triton_kernels/jsa_sparse.py (its module docstring is the authority):
     out, lse, branches = sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens,
-                                              config, store_branches=False)
+                                              config, store_branches=False, o_cmp=o_cmp)
     dq, dk, dv, dgates = sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask,
-                                              cu_seqlens, config, branches, lse)
-  out (T_total, H, D) = g_slc*o_slc + g_jrn*o_jrn + g_win*o_win (gates channels 1..3);
+                                              cu_seqlens, config, branches, lse, cmp=(k_cmp, v_cmp, cu_cmp,
+                                                                                       lse_cmp, delta_cmp))
+  out (T_total, H, D) = g_cmp*o_cmp + g_slc*o_slc + g_jrn*o_jrn + g_win*o_win (gates channels 0..3);
   lse (3, H, T_total) fp32; branches (3, T_total, H, D), kept only for a backward;
   dgates (T_total, H, 3).
 
@@ -105,8 +105,7 @@ def triton_jsa_attention(
     config = _config(block, stride, select_block, top_n, select_q_block, window, causal)
     o_cmp, lse_cmp, selection = jsa_cmp.cmp_attention_select(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config)
     out, lse_sparse, branches = jsa_sparse.sparse_attention_fwd(
-        q, k, v, gates, selection, anchor_mask, cu_seqlens, config, store_branches=store_branches)
-    out.addcmul_(gates[..., 0:1], o_cmp)
+        q, k, v, gates, selection, anchor_mask, cu_seqlens, config, store_branches=store_branches, o_cmp=o_cmp)
     if branches is None:
         branches = q.new_empty(0)
     return out, o_cmp, lse_cmp, selection, lse_sparse, branches
