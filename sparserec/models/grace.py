@@ -71,21 +71,14 @@ class ThinkConfig:
             raise ValueError(f"think.temperature must be a finite number > 0, got {self.temperature!r}")
 
 
-@dataclass(frozen=True)
-class GRACEConfig:
-    """Shape and options of a GRACE model.
+@dataclass(frozen=True, kw_only=True)
+class TransformerShape:
+    """The encoder-decoder's shape, shared by GRACEConfig and GRAM's config (keyword-only fields).
 
     num_kv_heads: grouped-query attention (None = num_heads). head_dim: each head's width (None =
     d_model // num_heads; else attention runs num_heads * head_dim wide, projected from and to
-    d_model, as T5's d_kv). attention: "jsa" | "dense" encoder
-    self-attention. jsa / jsa_backend / jsa_compress: JourneySparseAttention's config (must be
-    bidirectional), backend and compression. disabled_branches: JSA branches ("cmp", "slc",
-    "jrn", "win") whose gate is fixed to 0 (ablations). max_positions: longest encoder history in
-    tokens; max_target_positions: longest decoder input. decoder_start_token_id: the token that
-    starts every decoder input (the vocabulary's BOS). think: S²GR's thinking steps (None: off).
-    """
+    d_model, as T5's d_kv)."""
 
-    vocab_size: int
     d_model: int = 128
     num_heads: int = 4
     num_kv_heads: int | None = None
@@ -95,6 +88,28 @@ class GRACEConfig:
     d_ff: int = 512
     activation: str = "gelu"
     dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}), "
+                             "or head_dim given")
+
+
+@dataclass(frozen=True)
+class GRACEConfig(TransformerShape):
+    """Shape (TransformerShape) and options of a GRACE model.
+
+    attention: "jsa" | "dense" encoder
+    self-attention. jsa / jsa_backend / jsa_compress: JourneySparseAttention's config (must be
+    bidirectional), backend and compression. disabled_branches: JSA branches ("cmp", "slc",
+    "jrn", "win") whose gate is fixed to 0 (ablations). max_positions: longest encoder history in
+    tokens; max_target_positions: longest decoder input. decoder_start_token_id: the token that
+    starts every decoder input (the vocabulary's BOS). think: S²GR's thinking steps (None: off).
+    """
+
+    vocab_size: int
     attention: str = "jsa"
     jsa: JSAConfig = ENCODER_JSA
     jsa_backend: str = "auto"
@@ -106,12 +121,8 @@ class GRACEConfig:
     think: ThinkConfig | None = None
 
     def __post_init__(self):
-        if self.num_kv_heads is None:
-            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        super().__post_init__()
         object.__setattr__(self, "disabled_branches", tuple(self.disabled_branches))
-        if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}), "
-                             "or head_dim given")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if not isinstance(self.jsa, JSAConfig):

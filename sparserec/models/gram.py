@@ -36,7 +36,7 @@ from ..data import InteractionData, Targets, data_fingerprint, fingerprint_chang
 from ..generate import Trie, beam_search
 from ..metrics import per_behavior_metrics
 from ..tokenize.lexical import LexicalConfig, LexicalIDs, cached_lexical_ids, item_words
-from .grace import GRACE, DecoderLayer, Memory
+from .grace import GRACE, DecoderLayer, Memory, TransformerShape
 from .layers import Attention, FeedForward, sequence_loss
 from .sasrec import SASRec, SASRecConfig
 
@@ -141,11 +141,11 @@ def build_tables(ids: LexicalIDs, fields: list, neighbours: torch.Tensor | None,
 # ---- the model ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class GRAMConfig:
+class GRAMConfig(TransformerShape):
     """num_items, prompt_length (P, tokens of each item prompt), path_depth (tokens of each ID):
     fixed by the tables. passages: item prompts fused per user (the newest history items; 0: the
     coarse prompt alone). max_user_tokens: length cap of the coarse prompt (oldest items dropped).
-    The rest as GRACEConfig (its decoder is GRACE's)."""
+    The shape fields (TransformerShape) as GRACEConfig's (its decoder is GRACE's)."""
 
     vocab_size: int
     num_items: int
@@ -153,20 +153,10 @@ class GRAMConfig:
     path_depth: int
     passages: int = 5
     max_user_tokens: int = 128
-    d_model: int = 128
-    num_heads: int = 4
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    d_ff: int = 512
-    activation: str = "gelu"
-    dropout: float = 0.1
     decoder_start_token_id: int = BOS
 
     def __post_init__(self):
-        if self.num_kv_heads is None:
-            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        super().__post_init__()
         for name in ("vocab_size", "num_items", "prompt_length", "path_depth", "max_user_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
