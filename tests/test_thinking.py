@@ -143,15 +143,15 @@ def test_thinking_generation_equals_exhaustive_scoring_with_the_thinking_steps()
     trie = Trie(paths)
     tokens, cu_seqlens, anchors = histories([6, 11], seed=1)
     calls = []
-    decode = model.decode
-    model.decode = lambda ids, cache: calls.append(ids.shape[1]) or decode(ids, cache)
+    decoder_states = model.decoder_states
+    model.decoder_states = lambda ids, cache: calls.append(ids.shape[1]) or decoder_states(ids, cache)
     items, scores = recommend(model, trie, tokens, cu_seqlens, anchors, beam_size=ITEMS)
     # One decoder call per path token; the thinking tokens ride along (1 + 1 tokens) with the previous one.
     assert calls == [1, 2, 2, 2, 1]
     memory = model.encode(tokens, cu_seqlens, anchors)
     repeated = type(memory)(memory.states.repeat_interleave(ITEMS, 0), memory.valid.repeat_interleave(ITEMS, 0))
     with_thinking = model.insert_thinking(paths.repeat(2, 1))
-    log_probs = decode(shift_right(with_thinking, 1), model.new_cache(repeated)).log_softmax(-1)
+    log_probs = model.decode(shift_right(with_thinking, 1), model.new_cache(repeated)).log_softmax(-1)
     token_scores = log_probs.gather(2, with_thinking[:, :, None])[:, :, 0].masked_fill(with_thinking >= VOCAB, 0)
     expected = token_scores.sum(1).view(2, ITEMS).sort(dim=1, descending=True)
     torch.testing.assert_close(scores, expected.values.float())

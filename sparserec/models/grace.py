@@ -397,7 +397,8 @@ class GRACE(nn.Module):
                 tokens = start if tokens is None else torch.cat([start, tokens], dim=1)
             else:
                 cache.reorder(parent_rows)
-            return torch.log_softmax(self.decode(tokens, cache)[:, -1].float(), dim=-1)
+            # Only the last token is scored: the logits of forced (thinking) and start positions are never used.
+            return torch.log_softmax(self.logits(self.decoder_states(tokens, cache)[:, -1]).float(), dim=-1)
 
         return step_fn
 
