@@ -5,6 +5,7 @@ Run as a script under torchrun, this file is the DDP worker of `test_ddp_matches
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -52,6 +53,10 @@ def test_resume_equals_uninterrupted(tmp_path, pause_at):
     resumed = make_trainer(model_seed=1, checkpoint_path=checkpoint)
     resumed.load_checkpoint(checkpoint)
     assert resumed.step == pause_at
+    # The CPU budget carries over: the paused process's CPU time, plus this one's.
+    saved_cpu = torch.load(checkpoint, weights_only=True)["cpu_s"]
+    this_process = time.process_time()
+    assert saved_cpu > 0 and resumed.cpu_seconds() >= saved_cpu + this_process
     result = resumed.fit()
 
     assert result.step == 12

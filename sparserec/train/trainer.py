@@ -147,6 +147,12 @@ class Trainer:
         self.best_state = None
         self.stopped_early = False
         self.history = []
+        self.cpu_before = 0.0  # CPU seconds of the earlier processes of a resumed run
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of the whole run so far: this process (all threads) plus, after a resume, the
+        processes before it up to their last checkpoint (work after it was lost and is not counted)."""
+        return self.cpu_before + time.process_time()
 
     @property
     def is_main(self) -> bool:
@@ -242,8 +248,8 @@ class Trainer:
             with torch.no_grad():
                 metrics = self.evaluate_fn(self.model)
             value = metrics[self.config.metric]
-            # CPU seconds of the whole process so far (all threads): learning curves against budget.
-            self.history.append({"step": self.step, "cpu_s": time.process_time(), **metrics})
+            # CPU seconds of the run so far: learning curves against budget.
+            self.history.append({"step": self.step, "cpu_s": self.cpu_seconds(), **metrics})
             if value > self.best_metric:
                 self.best_metric, self.best_step, self.evals_since_best = value, self.step, 0
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
@@ -264,6 +270,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "best_metric": self.best_metric, "best_step": self.best_step, "evals_since_best": self.evals_since_best,
             "best_state": self.best_state, "stopped_early": self.stopped_early, "history": self.history,
+            "cpu_s": self.cpu_seconds(),
         }
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.save(state, path + ".tmp")
@@ -279,6 +286,9 @@ class Trainer:
         for name in ("step", "epoch", "batch_in_epoch", "best_metric", "best_step", "evals_since_best",
                      "best_state", "stopped_early", "history"):
             setattr(self, name, state[name])
+        # Checkpoints written before "cpu_s" existed: the CPU time up to their last validation.
+        validated = [entry["cpu_s"] for entry in self.history if "cpu_s" in entry]
+        self.cpu_before = state.get("cpu_s", validated[-1] if validated else 0.0)
 
 
 def move_to(batch, device):
