@@ -3,7 +3,7 @@
 
 Per user (a batch of one): encode + trie-constrained beam search (`sparserec.models.recommend`),
 the median of `--repeats` timings after a warm-up; then the same for batches of `--batch` users
-(time per user). Reports the median over users of each run's per-user latency and the ratio
+(time per user), also interleaved. Reports the median over users of each run's per-user latency and the ratio
 think / baseline, with the decoder tokens each fed per item path.
 
     OMP_NUM_THREADS=1 python benchmarks/think_latency.py runs/baseline runs/think --users 100
@@ -59,8 +59,11 @@ def main(argv=None):
             histories, given = inputs[name][user]
             per_user[name].append(median_ms(lambda: recommend(model, tries[name], *histories, args.beam,
                                                               start_tokens=given), args.repeats))
-    for name, (model, run_prepared, _) in runs.items():
-        for histories, given in batches(model, run_prepared, targets, args.batch):
+    batch_inputs = {name: list(batches(model, run_prepared, targets, args.batch))
+                    for name, (model, run_prepared, _) in runs.items()}
+    for index in range(len(batch_inputs["baseline"])):
+        for name, (model, _, _) in runs.items():  # interleaved batch by batch, as the users above
+            histories, given = batch_inputs[name][index]
             users = len(histories[1]) - 1
             batched[name].append(median_ms(lambda: recommend(model, tries[name], *histories, args.beam,
                                                              start_tokens=given), args.repeats) / users)

@@ -84,6 +84,21 @@ def test_incremental_decoding_equals_teacher_forcing():
     torch.testing.assert_close(torch.cat([first_two, torch.stack(steps, dim=1)], dim=1), full)
 
 
+def test_last_only_decoding_equals_full_decoding():
+    """last_only skips the last layer's work for all but the last position; its state and the cache it
+    leaves (the next token's logits) must match decoding every position."""
+    model = tiny_grace()
+    tokens, cu_seqlens, anchors = random_histories([12, 5, 9])
+    memory = model.encode(tokens, cu_seqlens, anchors)
+    prefix, after = torch.randint(3, VOCAB, (3, 4)), torch.randint(3, VOCAB, (3,))
+    full_cache, last_cache = model.new_cache(memory), model.new_cache(memory)
+    full = model.decoder_states(prefix, full_cache)
+    last = model.decoder_states(prefix, last_cache, last_only=True)
+    assert last.shape == (3, 1, full.shape[-1])
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+    torch.testing.assert_close(model.decode_step(after, last_cache), model.decode_step(after, full_cache))
+
+
 def test_reorder_cache_follows_parent_rows():
     model = tiny_grace()
     batch, beams = 2, 3

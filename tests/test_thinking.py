@@ -144,7 +144,7 @@ def test_thinking_generation_equals_exhaustive_scoring_with_the_thinking_steps()
     tokens, cu_seqlens, anchors = histories([6, 11], seed=1)
     calls = []
     decoder_states = model.decoder_states
-    model.decoder_states = lambda ids, cache: calls.append(ids.shape[1]) or decoder_states(ids, cache)
+    model.decoder_states = lambda ids, cache, **kw: calls.append(ids.shape[1]) or decoder_states(ids, cache, **kw)
     items, scores = recommend(model, trie, tokens, cu_seqlens, anchors, beam_size=ITEMS)
     # One decoder call per path token; the thinking tokens ride along (1 + 1 tokens) with the previous one.
     assert calls == [1, 2, 2, 2, 1]

@@ -257,9 +257,12 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(config.d_model, config.d_ff, config.activation, config.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache: DecoderCache, layer: int, self_mask):
+    def forward(self, x, cache: DecoderCache, layer: int, self_mask, last_only: bool = False):
+        """last_only: return the last position alone; the others only add their keys/values to the cache."""
         h = self.self_attention_norm(x)
         keys, values = cache.extend(layer, *self.self_attention.keys_values(h))
+        if last_only:  # the last position sees every cached key: no mask
+            x, h, self_mask = x[:, -1:], h[:, -1:], None
         x = x + self.dropout(self.self_attention(h, keys, values, attn_mask=self_mask))
         # Beams of a request attend to the same memory: fold them into its query dimension.
         rows, length, width = x.shape
@@ -361,8 +364,10 @@ class GRACE(nn.Module):
         """Output logits of final decoder states (tied embedding, T5's d_model^-0.5 scale)."""
         return F.linear(states * self.config.d_model ** -0.5, self.embedding.weight)
 
-    def decoder_states(self, decoder_input_ids, cache: DecoderCache):
-        """The decoder's final (normalised) states (B*beams, L, d_model) for the next L tokens of every row."""
+    def decoder_states(self, decoder_input_ids, cache: DecoderCache, last_only: bool = False):
+        """The decoder's final (normalised) states (B*beams, L, d_model) for the next L tokens of every row;
+        last_only: (B*beams, 1, d_model) for the last token (the last layer skips the other positions'
+        attention and feed-forward, which nothing reads)."""
         past, length = cache.length, decoder_input_ids.shape[1]
         if past + length > self.config.max_target_positions:
             raise ValueError(f"decoder input reaches position {past + length}, beyond max_target_positions "
@@ -370,8 +375,9 @@ class GRACE(nn.Module):
         positions = torch.arange(past, past + length, device=decoder_input_ids.device)
         x = self.dropout(self.embedding(decoder_input_ids) + self.decoder_positions(positions))
         self_mask = causal_mask(length, past + length, x.device) if length > 1 else None
+        last = len(self.decoder_layers) - 1
         for index, layer in enumerate(self.decoder_layers):
-            x = layer(x, cache, index, self_mask)
+            x = layer(x, cache, index, self_mask, last_only=last_only and index == last)
         return self.decoder_norm(x)
 
     def decode_step(self, token_ids, cache: DecoderCache):
@@ -397,8 +403,9 @@ class GRACE(nn.Module):
                 tokens = start if tokens is None else torch.cat([start, tokens], dim=1)
             else:
                 cache.reorder(parent_rows)
-            # Only the last token is scored: the logits of forced (thinking) and start positions are never used.
-            return torch.log_softmax(self.logits(self.decoder_states(tokens, cache)[:, -1]).float(), dim=-1)
+            # Only the last token is scored: forced (thinking) and start positions only extend the cache.
+            return torch.log_softmax(self.logits(self.decoder_states(tokens, cache, last_only=True)[:, -1]).float(),
+                                     dim=-1)
 
         return step_fn
 
