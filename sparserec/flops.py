@@ -177,7 +177,6 @@ def _triton_tiles(config: JSAConfig, head_dim: int) -> dict:
         cmp_d=cmp["block_d"], sparse_d=sparse["block_d"],
         compress_fwd_c=compress["fwd_block_c"], compress_dw_c=compress["dw_block_c"],
         compress_dx_c=compress["dx_block_c"], dw_splits=compress["dw_splits"],
-        cmp_dkv_n=cmp["dkv_block_n"], cmp_dkv_m=cmp["dkv_block_m"],
         select_m=cmp["select_block_m"], select_n=cmp["select_block_n"], select_j=cmp["select_block_j"],
         sparse_m=sparse["block_m"], sparse_n=sparse["block_n"], sparse_dkv_m=sparse["dkv_block_m"],
         sparse_dkv_n=sparse["dkv_block_n"],
@@ -193,10 +192,10 @@ def _visible_cmp(last_row, num_cmp: int, config: JSAConfig):
 
 
 def _cmp_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, t: dict):
-    """jsa_cmp: per selection tile, its row chunks x chunks of their visible compressed blocks
-    (forward); the query-major tiles of jsa_sparse x chunks of their visible compressed blocks (dq, in
-its backward walk); chunks of compressed
-    blocks x the query rows that may see them (dk, dv)."""
+    """The cmp branch: per selection tile, its row chunks x chunks of their visible compressed blocks
+    (forward, jsa_cmp); in jsa_sparse's backward, its query-major tiles x chunks of their visible
+    compressed blocks (dq) and its compact-key chunks of compressed blocks x the query rows that may
+    see them (dk, dv)."""
     m, dim = t["sparse_m"], t["cmp_d"]
     tile, rows = config.select_q_block, t["select_m"]
     chunk_end = torch.arange(0, n, tile)[:, None] + torch.clamp(torch.arange(0, tile, rows) + rows, max=tile)
@@ -204,9 +203,10 @@ its backward walk); chunks of compressed
     forward = int(_steps(0, chunk_visible, t["select_n"]).sum()) * 2 * _matmul(rows, t["select_n"], dim)
     visible = _visible_cmp(torch.clamp(torch.arange(0, n, m) + m, max=n) - 1, num_cmp, config)
     dq = int(_steps(0, visible, t["sparse_n"]).sum()) * 3 * _matmul(m, t["sparse_n"], t["sparse_d"])
-    first_row = torch.arange(0, num_cmp, t["cmp_dkv_n"])
+    key_m, key_n = t["sparse_dkv_m"], t["sparse_dkv_n"]
+    first_row = torch.arange(0, num_cmp, key_n)
     first_row = first_row * config.stride + config.block - 1 if config.causal else torch.zeros_like(first_row)
-    dkv = int(_steps(first_row, n, t["cmp_dkv_m"]).sum()) * 4 * _matmul(t["cmp_dkv_n"], t["cmp_dkv_m"], dim)
+    dkv = int(_steps(first_row, n, key_m).sum()) * 4 * _matmul(key_n, key_m, t["sparse_d"])
     return heads * forward, heads * (dq + dkv)
 
 

@@ -21,11 +21,12 @@ saves a launch and a second read of q, at the price of GROUP-fold fewer programs
 (at 64k tokens per call that still leaves thousands of programs). `cmp_select` runs step 2 alone
 from an lse computed elsewhere (the FlexAttention composition).
 
-Backward (gated: the op's output is g_cmp * o_cmp + ..., so dO_cmp = g_cmp * dout, fused here):
-dk_cmp, dv_cmp per (tile of compressed blocks, kv head), looping over the group's query heads so
-GQA needs no atomics; delta = rowsum(dO_cmp * o_cmp) is computed before. The cmp part of dq is
-one more branch of jsa_sparse's query-major backward, which walks each query tile's keys anyway:
-no launch of its own, and dq is written once.
+Backward (gated: the op's output is g_cmp * o_cmp + ..., so dO_cmp = g_cmp * dout): only
+delta = rowsum(dO_cmp * o_cmp) and the gate's gradient are computed here (`cmp_gate_backward`,
+eager). Every gradient of the branch is a kernel of jsa_sparse's backward, which has the same work
+shapes anyway: dq is one more branch of its query-major walk (dq written once), and dk_cmp, dv_cmp
+share the launch of its compact-key dk/dv kernel with the anchors (per chunk of compressed blocks
+and kv head, looping over the group's query heads so GQA needs no atomics).
 """
 import math
 
@@ -33,8 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, cdiv, chosen_config, dot_precision, empty, jagged_tiles, launch_configs, max_tiles,
-                     next_power_of_2, tile_bounds)
+from .common import LOG2E, cdiv, dot_precision, empty, jagged_tiles, max_tiles, next_power_of_2, tile_bounds
 
 @triton.jit
 def _visible_blocks(last_row, num_cmp, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr):
@@ -203,97 +203,13 @@ def _cmp_fwd_select(
     tl.store(sel_ptr + pid.to(tl.int64) * stride_st + kv_head * stride_sh + slots, chosen, mask=slots < TOP_N)
 
 
-def _dkv_configs_without_spills(configs, named_args, **kwargs):
-    """The (BLOCK_M, num_warps) pairs that built without register spills at this padded head dim
-    (tools/compile_triton.py, sm_90a); every other pair spilled in some mode, head grouping or
-    dtype. Software pipelining (num_stages > 1) of the query loop spilled at every head dim."""
-    fits = {32: {(64, 4), (64, 8)}, 64: {(64, 8), (128, 8), (32, 4)}, 128: {(128, 8), (64, 4)}}
-    # Values of another width: the pairs that fit both (D 32 / Dv 64 spilled at (128, 8)).
-    allowed = fits[min(128, max(32, kwargs["BLOCK_D"]))] & fits[min(128, max(32, kwargs["BLOCK_DV"]))]
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.num_warps) in allowed]
-
-
-@triton.autotune(configs=launch_configs([
-    triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1),
-]), key=["HEAD_DIM", "VALUE_DIM", "CAUSAL", "GROUP"],
-    prune_configs_by={"early_config_prune": _dkv_configs_without_spills})
-@triton.jit
-def _cmp_bwd_dkv(
-    q_ptr, k_ptr, v_ptr, dout_ptr, gate_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr, qk_scale, sm_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh, stride_gt, stride_gh,
-    stride_lt, stride_lh,
-    GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    kv_head = tl.program_id(1)
-    seq, cmp_bos, num_cmp, start = tile_bounds(tile_seq_ptr, tile_start_ptr, cu_cmp_ptr, tl.program_id(0))
-    if seq < 0:
-        return
-    bos = tl.load(cu_seqlens_ptr + seq).to(tl.int32)
-    length = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int32) - bos
-    cols = start + tl.arange(0, BLOCK_N)
-    col_ok = cols < num_cmp
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
-    vdims = tl.arange(0, BLOCK_DV)
-    vdim_ok = vdims < VALUE_DIM
-    # Only the per-row offsets stay live across the loops: a (BLOCK_N, BLOCK_D) int64 offset
-    # tile or mask kept for the final stores cost 64+ registers a thread and made ptxas spill.
-    k_rows = (cmp_bos + cols).to(tl.int64) * stride_kt + kv_head * stride_kh
-    v_rows = (cmp_bos + cols).to(tl.int64) * stride_vt + kv_head * stride_vh
-    k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-    v = tl.load(v_ptr + v_rows[:, None] + vdims[None, :], mask=col_ok[:, None] & vdim_ok[None, :], other=0.0)
-    if CAUSAL:
-        first_row = start * CMP_STRIDE + CMP_BLOCK - 1
-    else:
-        first_row = 0
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
-    for g in range(GROUP):
-        head = kv_head * GROUP + g
-        for m0 in range(first_row, length, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < length
-            tokens = (bos + rows).to(tl.int64)
-            mask = row_ok[:, None] & dim_ok[None, :]
-            q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=mask, other=0.0)
-            gate = tl.load(gate_ptr + tokens * stride_gt + head * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
-            dout = tl.load(dout_ptr + tokens[:, None] * stride_dt + head * stride_dh + vdims[None, :],
-                           mask=row_ok[:, None] & vdim_ok[None, :], other=0.0)
-            do = (dout.to(tl.float32) * gate[:, None]).to(dout.dtype)
-            lse = tl.load(lse_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0) * LOG2E
-            delta = tl.load(delta_ptr + tokens * stride_lt + head * stride_lh, mask=row_ok, other=0.0)
-            scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            visible = col_ok[:, None] & row_ok[None, :]
-            if CAUSAL:
-                visible = visible & (cols[:, None] * CMP_STRIDE + CMP_BLOCK - 1 <= rows[None, :])
-            p_t = tl.where(visible, tl.exp2(scores_t - lse[None, :]), 0.0)
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-    tl.store(dk_ptr + k_rows[:, None] + dims[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty),
-             mask=col_ok[:, None] & (dims[None, :] < HEAD_DIM))
-    tl.store(dv_ptr + v_rows[:, None] + vdims[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=col_ok[:, None] & (vdims[None, :] < VALUE_DIM))
-
-
 def launch_geometry(config, head_dim: int) -> dict:
     """Tile sizes of this module's launches for a JSA config; sparserec.flops counts executed FLOPs
-    from them. An autotuned size is the one last chosen (before any launch: the first candidate).
-    select_block_m / select_block_n: query rows per step and compressed blocks per chunk of the
+    from them. select_block_m / select_block_n: query rows per step and compressed blocks per chunk of the
     fused forward, in both its cmp attention and its selection re-scoring."""
     select_block_m = min(64, max(16, next_power_of_2(config.select_q_block)))
     return dict(
         block_d=max(16, next_power_of_2(head_dim)),
-        # Compressed blocks per dk/dv program: with 64, configs spilled at every head dim
-        # (tools/compile_triton.py); 32 halves the fp32 dk, dv and the score tiles.
-        dkv_block_n=32, dkv_block_m=chosen_config(_cmp_bwd_dkv).kwargs["BLOCK_M"],
         select_block_m=select_block_m, select_block_n=64,
         select_block_j=min(64, max(16, next_power_of_2(cdiv(2048, config.select_block)))),
     )
@@ -365,31 +281,10 @@ def cmp_select(q, k_cmp, lse, cu_seqlens, cu_cmp, config) -> torch.Tensor:
     return _fwd_select(q, k_cmp, k_cmp, q, lse, cu_seqlens, cu_cmp, config, attend=False)
 
 
-def cmp_attention_bwd(dout, gate, q, k_cmp, v_cmp, o_cmp, lse, cu_seqlens, cu_cmp, config):
-    """Gradients of sum(dout * gate[..., None] * o_cmp) but dq: dk_cmp, dv_cmp, dgate (fp32), and
-    delta = gate * dgate (T_total, H) fp32, with which jsa_sparse's query-major backward adds the
-    cmp part of dq (`sparse_attention_bwd(..., cmp=...)`).
-
-    gate (T_total, H) may be a strided view (gates[..., 0]).
-    """
-    total, heads, dim = q.shape
-    kv_heads = k_cmp.shape[1]
-    dout, q, k_cmp, v_cmp, lse = dout.contiguous(), q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), lse.contiguous()
+def cmp_gate_backward(dout, gate, o_cmp):
+    """The cmp branch's gate gradient dgate = rowsum(dout * o_cmp) (T_total, H) fp32 and its softmax
+    delta = gate * dgate, with which jsa_sparse's backward computes the branch's dq, dk_cmp and
+    dv_cmp (`sparse_attention_bwd(..., cmp=...)`). gate (T_total, H) may be a strided view
+    (gates[..., 0])."""
     dgate = (dout.float() * o_cmp.float()).sum(-1)
-    delta = (gate.float() * dgate).contiguous()
-    # Zeros: k_cmp / v_cmp may end in padding rows (past cu_cmp[-1]) that no program owns.
-    dk_cmp, dv_cmp = torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
-    num_blocks = k_cmp.shape[0]
-    if total and num_blocks:
-        block_n = launch_geometry(config, dim)["dkv_block_n"]
-        num_tiles = max_tiles(num_blocks, cu_cmp.numel() - 1, block_n)
-        tile_seq, tile_start = jagged_tiles(cu_cmp, block_n, num_tiles)
-        _cmp_bwd_dkv[(num_tiles, kv_heads)](
-            q, k_cmp, v_cmp, dout, gate, lse, delta, dk_cmp, dv_cmp, tile_seq, tile_start, cu_seqlens, cu_cmp,
-            LOG2E.value / math.sqrt(dim), 1.0 / math.sqrt(dim),
-            q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
-            dout.stride(0), dout.stride(1),
-            gate.stride(0), gate.stride(1), lse.stride(0), lse.stride(1),
-            BLOCK_N=block_n, **_meta(q, k_cmp, config, v_cmp),
-        )
-    return dk_cmp, dv_cmp, dgate, delta
+    return dgate, (gate.float() * dgate).contiguous()

@@ -9,8 +9,8 @@ Interface (called by sparserec.ops.triton_backend):
 
     out, lse, branches = sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens,
                                               config, store_branches=False, o_cmp=None)
-    dq, dk, dv, dgates = sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask,
-                                              cu_seqlens, config, branches, lse, cmp=None)
+    dq, dk, dv, dgates, dk_cmp, dv_cmp = sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask,
+                                                              cu_seqlens, config, branches, lse, cmp=None)
 
   q (T_total, H, D); k (T_total, Hkv, D), v (T_total, Hkv, Dv) with H % Hkv == 0; gates (T_total, H, 4), of which
   channels 1, 2, 3 = (slc, jrn, win) are used (channel 0, cmp, only with o_cmp / cmp); selection
@@ -23,15 +23,17 @@ Interface (called by sparserec.ops.triton_backend):
   scores, +inf where a query sees no key in that branch (its output is 0).
   branches (3, T_total, H, Dv) in q's dtype: o_slc, o_jrn, o_win, stored only when
   store_branches=True (the backward reads them), else None.
-  dq, dk, dv like q, k, v; dgates (T_total, H, 3) in gates' dtype: d/d(g_slc, g_jrn, g_win).
+  dq, dk, dv like q, k, v; dgates (T_total, H, 3) in gates' dtype: d/d(g_slc, g_jrn, g_win);
+  dk_cmp, dv_cmp like k_cmp, v_cmp with `cmp=`, else None.
   Optional block_m / block_n override the tile sizes (tests use them to force many tiles).
 
 Backward, three kernels:
   1. query-major (the forward's walk again): d(gate_b) = <dout, o_b>, delta_b = g_b * d(gate_b),
      and dq; given `cmp=` it also walks the tile's visible compressed keys, so dq holds the cmp
-     branch's part too (jsa_cmp computes that branch's delta and dk_cmp, dv_cmp);
-  2. anchor-major: the jrn part of dk/dv for chunks of a sequence's anchors, in fp32, compact
-     by anchor rank;
+     branch's part too (jsa_cmp.cmp_gate_backward computes that branch's delta beforehand);
+  2. compact keys, which every query of their sequence may see: chunks of a sequence's anchors
+     (the jrn part of dk/dv, in fp32, compact by anchor rank) and, given `cmp=`, chunks of its
+     compressed blocks (dk_cmp, dv_cmp), in one launch;
   3. key-major over selection blocks: the slc and win parts of dk/dv, plus the jrn part of the
      anchors among its keys, written once. The slc part needs, per selection block, the query
      tiles that selected it: an inverse selection map built on the device by a sort.
@@ -367,18 +369,17 @@ def _query_major_kernel(
 
 
 @triton.jit
-def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, rows, row_ok, h, branch,
-              offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot, stride_dod, stride_gt, stride_gc,
-              total_tokens, num_heads, qk_scale, PRECISION: tl.constexpr):
-    """dk, dv of a key chunk from one chunk of query rows (global `rows`) of head h
-    (Q, DO, G already at head h)."""
+def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, rows, row_ok, stride_st,
+              offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot, stride_dod, stride_gt,
+              qk_scale, PRECISION: tl.constexpr):
+    """dk, dv of a key chunk from one chunk of query rows (global `rows`) of one head and branch:
+    Q, DO at the head; Lse, Delta at its statistics (row r at r * stride_st); G at its gate channel."""
     q = _load_rows(Q, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
     do = _load_rows(DO, rows, row_ok, stride_dot, offs_dv, dv_ok, stride_dod)
-    stat = (branch * num_heads + h).to(tl.int64) * total_tokens + rows
+    stat = rows.to(tl.int64) * stride_st
     lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
-    gate = tl.load(G + rows.to(tl.int64) * stride_gt + (1 + branch) * stride_gc,
-                   mask=row_ok, other=0.0).to(tl.float32)
+    gate = tl.load(G + rows.to(tl.int64) * stride_gt, mask=row_ok, other=0.0).to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
     dv += tl.dot(tl.trans(p * gate[:, None]).to(do.dtype), do, input_precision=PRECISION)
@@ -389,42 +390,58 @@ def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, rows, row_ok, h, bran
 
 
 @triton.jit
-def _anchor_dkdv_kernel(
-    Q, K, V, G, DO, Lse, Delta, AnchorList, AnchorPrefix, CuSeqlens, CuAnchor, ChunkSeq,
-    ChunkStart, DKAnchor, DVAnchor,
+def _compact_dkdv_kernel(
+    Q, K, V, G, DO, Lse, Delta, AnchorList, CuSeqlens, CuAnchor, AnchorChunkSeq, AnchorChunkStart,
+    DKAnchor, DVAnchor, KCmp, VCmp, LseCmp, DeltaCmp, CuCmp, CmpChunkSeq, CmpChunkStart, DKCmp, DVCmp,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
-    stride_dot, stride_doh, stride_dod,
-    total_tokens, num_heads, num_kv_heads, qk_scale, sm_scale,
+    stride_dot, stride_doh, stride_dod, stride_ckt, stride_ckh, stride_cvt, stride_cvh, stride_clt, stride_clh,
+    total_tokens, num_heads, num_kv_heads, anchor_chunks, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """jrn part of dk/dv for BLOCK_N consecutive anchors of a sequence and one kv head, stored
-    in fp32 by anchor rank: DKAnchor[rank, kv head]."""
+    """dk, dv of BLOCK_N compact keys of one kv head that every query of their sequence may see:
+    programs below `anchor_chunks` take consecutive anchors (the jrn part, stored in fp32 by
+    anchor rank in DKAnchor/DVAnchor for _local_dkdv_kernel to add), the others consecutive
+    compressed blocks (the cmp branch's dk_cmp, dv_cmp, final). Both walk the same query rows
+    with the same step and differ only in where keys and row statistics live and in the causal
+    cut, so one launch serves both: one launch fewer, and the two small grids fill the GPU together."""
+    pid = tl.program_id(0)
     g = tl.program_id(1)
-    seq, anchor_start, num_anchors, chunk_start = tile_bounds(ChunkSeq, ChunkStart, CuAnchor,
-                                                              tl.program_id(0))
+    is_cmp = pid >= anchor_chunks
+    if is_cmp:
+        seq, first, count, chunk = tile_bounds(CmpChunkSeq, CmpChunkStart, CuCmp, pid - anchor_chunks)
+    else:
+        seq, first, count, chunk = tile_bounds(AnchorChunkSeq, AnchorChunkStart, CuAnchor, pid)
     if seq < 0:
         return
     seq_start = tl.load(CuSeqlens + seq).to(tl.int32)
     length = tl.load(CuSeqlens + seq + 1).to(tl.int32) - seq_start
-    first = anchor_start + chunk_start
-    last = anchor_start + num_anchors
-    index = first + tl.arange(0, BLOCK_N)
-    col_ok = index < last
-    token = tl.load(AnchorList + index, mask=col_ok, other=0)
-    cols = token - seq_start
+    index = first + chunk + tl.arange(0, BLOCK_N)  # global compact row: compressed row or anchor rank
+    col_ok = index < first + count
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < VALUE_DIM
-    k = _load_rows(K + g * stride_kh, token, col_ok, stride_kt, offs_d, d_ok, stride_kd)
-    v = _load_rows(V + g * stride_vh, token, col_ok, stride_vt, offs_dv, dv_ok, stride_vd)
+    if is_cmp:
+        # A compressed block is visible (causal) from its last token on.
+        first_row = (chunk + tl.arange(0, BLOCK_N)) * CMP_STRIDE + CMP_BLOCK - 1
+        k = _load_rows(KCmp + g * stride_ckh, index, col_ok, stride_ckt, offs_d, d_ok, 1)
+        v = _load_rows(VCmp + g * stride_cvh, index, col_ok, stride_cvt, offs_dv, dv_ok, 1)
+        lse_base, delta_base, stride_st, stride_sh, channel = LseCmp, DeltaCmp, stride_clt, stride_clh, 0
+    else:
+        token = tl.load(AnchorList + index, mask=col_ok, other=0)
+        first_row = token - seq_start
+        k = _load_rows(K + g * stride_kh, token, col_ok, stride_kt, offs_d, d_ok, stride_kd)
+        v = _load_rows(V + g * stride_vh, token, col_ok, stride_vt, offs_dv, dv_ok, stride_vd)
+        jrn = total_tokens * num_heads  # branch 1 of the (3, H, T) statistics
+        lse_base, delta_base, stride_st, stride_sh, channel = Lse + jrn, Delta + jrn, 1, total_tokens, 2
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     if CAUSAL:
-        q_lo = tl.load(AnchorList + first) - seq_start  # anchors ascend: the chunk's earliest
+        q_lo = tl.min(tl.where(col_ok, first_row, length))  # keys ascend: the chunk's earliest reader
     else:
         q_lo = 0
     for head in range(GROUP):
@@ -434,16 +451,26 @@ def _anchor_dkdv_kernel(
             row_ok = rows < length
             visible = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None])
+                visible = visible & (first_row[None, :] <= rows[:, None])
             dk, dv = _key_step(dk, dv, k, v, visible, Q + h * stride_qh, DO + h * stride_doh,
-                               Lse, Delta, G + h * stride_gh, seq_start + rows, row_ok, h, 1,
+                               lse_base + h * stride_sh, delta_base + h * stride_sh,
+                               G + h * stride_gh + channel * stride_gc, seq_start + rows, row_ok, stride_st,
                                offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot, stride_dod,
-                               stride_gt, stride_gc, total_tokens, num_heads, qk_scale, PRECISION)
-    anchor_rows = index.to(tl.int64) * num_kv_heads + g
-    tl.store(DKAnchor + (anchor_rows * HEAD_DIM)[:, None] + offs_d[None, :], dk * sm_scale,
-             mask=col_ok[:, None] & d_ok[None, :])
-    tl.store(DVAnchor + (anchor_rows * VALUE_DIM)[:, None] + offs_dv[None, :], dv,
-             mask=col_ok[:, None] & dv_ok[None, :])
+                               stride_gt, qk_scale, PRECISION)
+    dk = dk * sm_scale
+    if is_cmp:
+        rows_k = index.to(tl.int64) * stride_ckt + g * stride_ckh
+        rows_v = index.to(tl.int64) * stride_cvt + g * stride_cvh
+        tl.store(DKCmp + rows_k[:, None] + offs_d[None, :], dk.to(DKCmp.dtype.element_ty),
+                 mask=col_ok[:, None] & d_ok[None, :])
+        tl.store(DVCmp + rows_v[:, None] + offs_dv[None, :], dv.to(DVCmp.dtype.element_ty),
+                 mask=col_ok[:, None] & dv_ok[None, :])
+    else:
+        anchor_rows = index.to(tl.int64) * num_kv_heads + g
+        tl.store(DKAnchor + (anchor_rows * HEAD_DIM)[:, None] + offs_d[None, :], dk,
+                 mask=col_ok[:, None] & d_ok[None, :])
+        tl.store(DVAnchor + (anchor_rows * VALUE_DIM)[:, None] + offs_dv[None, :], dv,
+                 mask=col_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
@@ -509,10 +536,10 @@ def _local_dkdv_kernel(
                 visible = row_ok[:, None] & col_ok[None, :]
                 if CAUSAL:
                     visible = visible & (cols[None, :] <= rows[:, None])
-                dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse, Delta, Gh,
-                                   seq_start + rows, row_ok, h, 0, offs_d, d_ok, offs_dv, dv_ok,
-                                   stride_qt, stride_qd, stride_dot, stride_dod, stride_gt,
-                                   stride_gc, total_tokens, num_heads, qk_scale, PRECISION)
+                dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse + h * total_tokens,
+                                   Delta + h * total_tokens, Gh + stride_gc, seq_start + rows, row_ok, 1,
+                                   offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot,
+                                   stride_dod, stride_gt, qk_scale, PRECISION)
         for start in range(win_lo, win_hi, BLOCK_M):  # win
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < win_hi
@@ -522,10 +549,10 @@ def _local_dkdv_kernel(
                 visible = visible & (offset >= 0)
             else:
                 visible = visible & (offset > -WINDOW)
-            dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse, Delta, Gh,
-                               seq_start + rows, row_ok, h, 2, offs_d, d_ok, offs_dv, dv_ok,
-                               stride_qt, stride_qd, stride_dot, stride_dod, stride_gt,
-                               stride_gc, total_tokens, num_heads, qk_scale, PRECISION)
+            win = (2 * num_heads + h) * total_tokens  # branch 2 of the (3, H, T) statistics
+            dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse + win, Delta + win, Gh + 3 * stride_gc,
+                               seq_start + rows, row_ok, 1, offs_d, d_ok, offs_dv, dv_ok, stride_qt,
+                               stride_qd, stride_dot, stride_dod, stride_gt, qk_scale, PRECISION)
     rank = tl.load(AnchorPrefix + keys, mask=col_ok, other=0)
     is_anchor = col_ok & (tl.load(AnchorPrefix + keys + 1, mask=col_ok, other=0) > rank)
     anchor_rows = rank.to(tl.int64) * num_kv_heads + g
@@ -601,10 +628,12 @@ def sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens, con
 
 def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlens,
                          config, branches, lse, block_m=None, block_n=None, cmp=None):
-    """-> (dq, dk, dv, dgates (T_total, H, 3)); `branches` and `lse` come from the forward.
+    """-> (dq, dk, dv, dgates (T_total, H, 3), dk_cmp, dv_cmp); `branches` and `lse` come from the forward.
 
-    cmp = (k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp): dq also holds the cmp branch's part, gated by
-    gates[..., 0] (delta_cmp = g_cmp * rowsum(dout * o_cmp), (T_total, H) fp32 like lse_cmp).
+    cmp = (k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp): the cmp branch's backward too, gated by
+    gates[..., 0] (delta_cmp = g_cmp * rowsum(dout * o_cmp), (T_total, H) fp32 like lse_cmp, from
+    jsa_cmp.cmp_gate_backward): dq holds its part, and dk_cmp, dv_cmp are its key gradients
+    (zero past cu_cmp[-1]); without cmp they are None.
     """
     total, heads, dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
@@ -615,8 +644,12 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
     dgates = empty((total, heads, NUM_BRANCHES), gates.dtype, gates.device)
+    k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp = cmp if cmp is not None else (k, v, cu_seqlens, lse, lse)
+    k_cmp, v_cmp, lse_cmp, delta_cmp = (t.contiguous() for t in (k_cmp, v_cmp, lse_cmp, delta_cmp))
+    # Zeros: k_cmp / v_cmp may end in padding rows (past cu_cmp[-1]) that no program owns.
+    dk_cmp, dv_cmp = (torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)) if cmp is not None else (None, None)
     if total == 0:
-        return dq, dk, dv, dgates
+        return dq, dk, dv, dgates, dk_cmp, dv_cmp
     anchor_list, cu_anchor = anchor_index(anchor_mask, cu_seqlens)
     anchor_prefix = _anchor_prefix(anchor_mask)
     delta = empty((NUM_BRANCHES, heads, total), torch.float32, q.device)
@@ -628,16 +661,23 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
                   BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype),
                   num_warps=geometry["num_warps"], num_stages=2)
     strides = (*q.stride(), *k.stride(), *v.stride(), *gates.stride(), *dout.stride())
-    scalars = (total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5)
+    scale = (LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5)
 
-    # jrn part of dk/dv, fp32, by anchor rank (rows past the anchor count stay unwritten).
+    # Anchor chunks (jrn part of dk/dv, fp32, by anchor rank; rows past the anchor count stay
+    # unwritten) and compressed-block chunks (dk_cmp, dv_cmp) in one launch.
     dk_anchor = empty((total, kv_heads, dim), torch.float32, q.device)
     dv_anchor = empty((total, kv_heads, value_dim), torch.float32, q.device)
-    num_chunks = max_tiles(total, batch, block_n)
-    chunk_seq, chunk_start = jagged_tiles(cu_anchor, block_n, num_chunks)
-    _anchor_dkdv_kernel[(num_chunks, kv_heads)](
-        q, k, v, gates, dout, lse, delta, anchor_list, anchor_prefix, cu_seqlens, cu_anchor,
-        chunk_seq, chunk_start, dk_anchor, dv_anchor, *strides, *scalars, **shared)
+    anchor_chunks = max_tiles(total, batch, block_n)
+    chunk_seq, chunk_start = jagged_tiles(cu_anchor, block_n, anchor_chunks)
+    cmp_chunks = max_tiles(k_cmp.shape[0], batch, block_n) if cmp is not None else 0
+    cmp_seq, cmp_start = jagged_tiles(cu_cmp, block_n, max(cmp_chunks, 1))
+    dk_cmp_, dv_cmp_ = (dk_cmp, dv_cmp) if cmp is not None else (k_cmp, v_cmp)  # unused pointers: right dtypes
+    _compact_dkdv_kernel[(anchor_chunks + cmp_chunks, kv_heads)](
+        q, k, v, gates, dout, lse, delta, anchor_list, cu_seqlens, cu_anchor, chunk_seq, chunk_start,
+        dk_anchor, dv_anchor, k_cmp, v_cmp, lse_cmp, delta_cmp, cu_cmp, cmp_seq, cmp_start, dk_cmp_, dv_cmp_,
+        *strides, k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
+        lse_cmp.stride(0), lse_cmp.stride(1), total, heads, kv_heads, anchor_chunks, *scale,
+        CMP_BLOCK=config.block, CMP_STRIDE=config.stride, **shared)
 
     num_blocks = max_tiles(total, batch, config.select_block)
     block_seq, block_start = jagged_tiles(cu_seqlens, config.select_block, num_blocks)
@@ -646,7 +686,7 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     _local_dkdv_kernel[(num_blocks * chunks, kv_heads)](
         q, k, v, gates, dout, lse, delta, anchor_prefix, cu_seqlens, block_seq, block_start,
         inv_tiles, inv_offsets, dk_anchor, dv_anchor, dk, dv,
-        *strides, *dk.stride(), *dv.stride(), *scalars,
+        *strides, *dk.stride(), *dv.stride(), total, heads, kv_heads, *scale,
         SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
         WINDOW=config.window, CHUNKS=chunks, **shared)
-    return dq, dk, dv, dgates
+    return dq, dk, dv, dgates, dk_cmp, dv_cmp
