@@ -179,7 +179,7 @@ def _triton_tiles(config: JSAConfig, head_dim: int) -> dict:
         compress_dx_c=compress["dx_block_c"], dw_splits=compress["dw_splits"],
         select_m=cmp["select_block_m"], select_n=cmp["select_block_n"], select_j=cmp["select_block_j"],
         sparse_m=sparse["block_m"], sparse_n=sparse["block_n"], sparse_dkv_m=sparse["dkv_block_m"],
-        sparse_dkv_n=sparse["dkv_block_n"],
+        sparse_dkv_n=sparse["dkv_block_n"], compact_m=sparse["compact_block_m"],
     )
 
 
@@ -203,7 +203,7 @@ def _cmp_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, t: dict):
     forward = int(_steps(0, chunk_visible, t["select_n"]).sum()) * 2 * _matmul(rows, t["select_n"], dim)
     visible = _visible_cmp(torch.clamp(torch.arange(0, n, m) + m, max=n) - 1, num_cmp, config)
     dq = int(_steps(0, visible, t["sparse_n"]).sum()) * 3 * _matmul(m, t["sparse_n"], t["sparse_d"])
-    key_m, key_n = t["sparse_dkv_m"], t["sparse_dkv_n"]
+    key_m, key_n = t["compact_m"], t["sparse_dkv_n"]
     first_row = torch.arange(0, num_cmp, key_n)
     first_row = first_row * config.stride + config.block - 1 if config.causal else torch.zeros_like(first_row)
     dkv = int(_steps(first_row, n, key_m).sum()) * 4 * _matmul(key_n, key_m, t["sparse_d"])
@@ -254,16 +254,16 @@ def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors,
         per_kv_head += int(torch.where(used, _steps(lo, hi, chunk), 0).sum())
     query_chunks = heads * int(per_head.sum()) + group * per_kv_head
 
-    # Key-major (dk, dv), key_n keys a program, key_m query rows a step: anchor chunks x the query
-    # rows that may see them; per key chunk of each selection block, the rows of its window and of
-    # the query tiles that selected the block.
+    # Key-major (dk, dv), key_n keys a program: anchor chunks x the query rows that may see them,
+    # compact_m rows a step; per key chunk of each selection block, the rows of its window and of
+    # the query tiles that selected the block, key_m rows a step.
     anchor_first = anchors[::key_n] if causal else torch.zeros_like(anchors[::key_n])
-    key_rows = heads * int(_steps(anchor_first, n, key_m).sum())
+    anchor_rows = heads * int(_steps(anchor_first, n, t["compact_m"]).sum())
     key_lo = torch.arange(0, n, sel_block)[:, None] + torch.arange(0, sel_block, key_n)
     key_hi = torch.minimum(torch.clamp(key_lo + key_n, max=n), (key_lo // sel_block + 1) * sel_block)
     win_lo = key_lo if causal else torch.clamp(key_lo - window + 1, min=0)
     win_rows = _steps(win_lo, torch.clamp(key_hi - 1 + window, max=n), key_m)
-    key_rows += heads * int(torch.where(key_lo < key_hi, win_rows, 0).sum())
+    key_rows = heads * int(torch.where(key_lo < key_hi, win_rows, 0).sum())
     tiles = torch.arange(0, n, q_tile)
     picked = selection[tiles][..., None]  # (tiles, Hkv, top_n, 1)
     key_lo = picked * sel_block + torch.arange(0, sel_block, key_n)
@@ -272,7 +272,9 @@ def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors,
     slc_rows = _steps(torch.maximum(first, key_lo) if causal else first, torch.clamp(first + q_tile, max=n), key_m)
     key_rows += group * int(torch.where((picked >= 0) & (key_lo < key_hi), slc_rows, 0).sum())
     key_product = _matmul(key_m, key_n, t["sparse_d"])
-    return query_chunks * 2 * tile_product, query_chunks * 3 * tile_product + key_rows * 4 * key_product
+    anchor_product = _matmul(t["compact_m"], key_n, t["sparse_d"])
+    return (query_chunks * 2 * tile_product,
+            query_chunks * 3 * tile_product + key_rows * 4 * key_product + anchor_rows * 4 * anchor_product)
 
 
 def _compress_flops(lengths, config: JSAConfig, kv_heads: int, t: dict):

@@ -14,7 +14,7 @@ from jsa_inputs import make_inputs
 from sparserec import JSAConfig
 from sparserec.reference.jsa import cmp_mask, masked_attention, select_blocks
 from sparserec.triton_kernels.common import interpreting
-from sparserec.triton_kernels.jsa_cmp import cmp_attention_select, cmp_gate_backward, cmp_select
+from sparserec.triton_kernels.jsa_cmp import cmp_attention_select, cmp_select
 from sparserec.triton_kernels.jsa_sparse import sparse_attention_bwd, sparse_attention_fwd
 from tolerance import assert_close_to_reference
 
@@ -52,17 +52,17 @@ def reference_cmp(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config):
     return out, lse, probs
 
 
-def cmp_grads(dout, x, lse, delta, config):
-    """dq, dk_cmp, dv_cmp of the cmp branch: jsa_sparse's backward with `cmp=`, the sparse branches'
-    gates at zero (their terms are then exactly zero) and no block selected."""
+def cmp_grads(dout, x, o_cmp, lse, config):
+    """dq, dk_cmp, dv_cmp and d(g_cmp) of the cmp branch: jsa_sparse's backward with `cmp=`, the
+    sparse branches' gates at zero (their terms are then exactly zero) and no block selected."""
     gates = x.gates.clone()
     gates[..., 1:] = 0
     selection = torch.full((x.q.shape[0], x.k.shape[1], config.top_n), -1, dtype=torch.int32, device=x.q.device)
     args = (selection, x.anchor_mask, x.cu_seqlens, config)
     _, lse_sparse, branches = sparse_attention_fwd(x.q, x.k, x.v, gates, *args, store_branches=True)
-    dq, _, _, _, dk_cmp, dv_cmp = sparse_attention_bwd(dout, x.q, x.k, x.v, gates, *args, branches, lse_sparse,
-                                                       cmp=(x.k_cmp, x.v_cmp, x.cu_cmp, lse, delta))
-    return dq, dk_cmp, dv_cmp
+    dq, _, _, dgates, dk_cmp, dv_cmp = sparse_attention_bwd(dout, x.q, x.k, x.v, gates, *args, branches,
+                                                            lse_sparse, cmp=(x.k_cmp, x.v_cmp, x.cu_cmp, o_cmp, lse))
+    return dq, dk_cmp, dv_cmp, dgates[..., 0]
 
 
 def case(lengths, config, heads, kv_heads, dim=16, seed=0, dtype=torch.float64):
@@ -96,8 +96,7 @@ def test_cmp_forward_and_backward(causal, heads, kv_heads):
     finite = torch.isfinite(lse64)
     torch.testing.assert_close(lse[finite].double(), lse64[finite], atol=1e-5, rtol=1e-5)
 
-    dgate, delta = cmp_gate_backward(dout.float(), inputs.gates[..., 0], out)
-    grads = (*cmp_grads(dout.float(), inputs, lse, delta, config), dgate)
+    grads = cmp_grads(dout.float(), inputs, out, lse, config)
     for name, got, same, want in zip(("dq", "dk_cmp", "dv_cmp", "dgate"), grads, grads32, grads64):
         assert_close_to_reference(got, same, want, atol=ATOL[torch.float32], name=name)
 

@@ -21,12 +21,11 @@ saves a launch and a second read of q, at the price of GROUP-fold fewer programs
 (at 64k tokens per call that still leaves thousands of programs). `cmp_select` runs step 2 alone
 from an lse computed elsewhere (the FlexAttention composition).
 
-Backward (gated: the op's output is g_cmp * o_cmp + ..., so dO_cmp = g_cmp * dout): only
-delta = rowsum(dO_cmp * o_cmp) and the gate's gradient are computed here (`cmp_gate_backward`,
-eager). Every gradient of the branch is a kernel of jsa_sparse's backward, which has the same work
-shapes anyway: dq is one more branch of its query-major walk (dq written once), and dk_cmp, dv_cmp
-share the launch of its compact-key dk/dv kernel with the anchors (per chunk of compressed blocks
-and kv head, looping over the group's query heads so GQA needs no atomics).
+Backward: every gradient of the branch is computed by jsa_sparse's backward, which has the same
+work shapes anyway (`sparse_attention_bwd(..., cmp=...)`): the gate's gradient, the softmax delta
+and dq in its query-major walk (dq written once), and dk_cmp, dv_cmp in its compact-key programs
+beside the anchors' (per chunk of compressed blocks and kv head, looping over the group's query
+heads so GQA needs no atomics).
 """
 import math
 
@@ -279,12 +278,3 @@ def cmp_select(q, k_cmp, lse, cu_seqlens, cu_cmp, config) -> torch.Tensor:
     q, k_cmp = q.contiguous(), k_cmp.contiguous()
     # The attention phase is compiled out; its pointers only need the right dtypes.
     return _fwd_select(q, k_cmp, k_cmp, q, lse, cu_seqlens, cu_cmp, config, attend=False)
-
-
-def cmp_gate_backward(dout, gate, o_cmp):
-    """The cmp branch's gate gradient dgate = rowsum(dout * o_cmp) (T_total, H) fp32 and its softmax
-    delta = gate * dgate, with which jsa_sparse's backward computes the branch's dq, dk_cmp and
-    dv_cmp (`sparse_attention_bwd(..., cmp=...)`). gate (T_total, H) may be a strided view
-    (gates[..., 0])."""
-    dgate = (dout.float() * o_cmp.float()).sum(-1)
-    return dgate, (gate.float() * dgate).contiguous()

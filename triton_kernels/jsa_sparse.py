@@ -11,6 +11,7 @@ Interface (called by sparserec.ops.triton_backend):
                                               config, store_branches=False, o_cmp=None)
     dq, dk, dv, dgates, dk_cmp, dv_cmp = sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask,
                                                               cu_seqlens, config, branches, lse, cmp=None)
+    (cmp = (k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp) from jsa_cmp's forward adds the cmp branch.)
 
   q (T_total, H, D); k (T_total, Hkv, D), v (T_total, Hkv, Dv) with H % Hkv == 0; gates (T_total, H, 4), of which
   channels 1, 2, 3 = (slc, jrn, win) are used (channel 0, cmp, only with o_cmp / cmp); selection
@@ -23,20 +24,24 @@ Interface (called by sparserec.ops.triton_backend):
   scores, +inf where a query sees no key in that branch (its output is 0).
   branches (3, T_total, H, Dv) in q's dtype: o_slc, o_jrn, o_win, stored only when
   store_branches=True (the backward reads them), else None.
-  dq, dk, dv like q, k, v; dgates (T_total, H, 3) in gates' dtype: d/d(g_slc, g_jrn, g_win);
-  dk_cmp, dv_cmp like k_cmp, v_cmp with `cmp=`, else None.
+  dq, dk, dv like q, k, v; dgates in gates' dtype: (T_total, H, 3) d/d(g_slc, g_jrn, g_win), or
+  with `cmp=` (T_total, H, 4) in the gates' channel order; dk_cmp, dv_cmp like k_cmp, v_cmp with
+  `cmp=`, else None.
   Optional block_m / block_n override the tile sizes (tests use them to force many tiles).
 
-Backward, three kernels:
+Backward, two launches (three kinds of programs):
   1. query-major (the forward's walk again): d(gate_b) = <dout, o_b>, delta_b = g_b * d(gate_b),
-     and dq; given `cmp=` it also walks the tile's visible compressed keys, so dq holds the cmp
-     branch's part too (jsa_cmp.cmp_gate_backward computes that branch's delta beforehand);
-  2. compact keys, which every query of their sequence may see: chunks of a sequence's anchors
-     (the jrn part of dk/dv, in fp32, compact by anchor rank) and, given `cmp=`, chunks of its
-     compressed blocks (dk_cmp, dv_cmp), in one launch;
-  3. key-major over selection blocks: the slc and win parts of dk/dv, plus the jrn part of the
-     anchors among its keys, written once. The slc part needs, per selection block, the query
-     tiles that selected it: an inverse selection map built on the device by a sort.
+     and dq; given `cmp=` it also does the cmp branch's gate gradient and delta (from o_cmp) and
+     walks the tile's visible compressed keys, so dq holds that branch's part too;
+  2. in the same launch, compact keys, which every query of their sequence may see: chunks of a
+     sequence's anchors (the jrn part of dk/dv, in fp32, compact by anchor rank) and, given
+     `cmp=`, chunks of its compressed blocks (dk_cmp, dv_cmp). They recompute delta from the
+     branch output the forward stored (o_jrn, o_cmp), an extra read of one (rows, Dv) tile per
+     step, so that they need nothing the walk writes;
+  3. key-major over selection blocks (its own launch, after both): the slc and win parts of dk/dv,
+     plus the jrn part of the anchors among its keys, written once. The slc part needs, per
+     selection block, the query tiles that selected it: an inverse selection map built on the
+     device by a sort.
 No T x T tensor, no atomics (dk/dv are deterministic), no host synchronisation: every grid is an
 upper bound computed from shapes alone and idle programs exit, so the launches are safe under
 CUDA graphs and torch.compile.
@@ -62,7 +67,8 @@ def _pow2_divisor(n: int, cap: int) -> int:
 def launch_geometry(config, head_dim: int, block_m=None, block_n=None, value_dim=None) -> dict:
     """Tile sizes and warps of this module's launches for a JSA config: block_m query rows per
     program and block_n keys per chunk of the query-major walk; dkv_block_n keys per program and
-    dkv_block_m query rows per step of the key-major (dk, dv) kernels; block_d, block_dv padded
+    dkv_block_m query rows per step of the key-major (dk, dv) programs over selection blocks,
+    compact_block_m those of the compact-key programs; block_d, block_dv padded
     head dims of q/k and of v (value_dim, default head_dim). sparserec.flops counts executed FLOPs
     from them.
 
@@ -80,7 +86,12 @@ def launch_geometry(config, head_dim: int, block_m=None, block_n=None, value_dim
     # warps), 64-row query steps at head dim 128 (8 warps).
     dkv_block_n = block_n if width <= 32 else min(block_n, 32)
     dkv_block_m = block_m if width <= 64 else min(block_m, 32)
+    # The compact-key programs share a launch with the query-major walk, so one kernel holds both
+    # paths' registers; they also load each step's branch output for delta. Halved query steps
+    # kept every GQA build of that kernel free of spills (16 is tl.dot's smallest).
+    compact_block_m = max(16, dkv_block_m // 2)
     return dict(block_m=block_m, block_n=block_n, dkv_block_m=dkv_block_m, dkv_block_n=dkv_block_n,
+                compact_block_m=compact_block_m,
                 block_d=next_power_of_2(head_dim), block_dv=next_power_of_2(value_dim), num_warps=num_warps)
 
 
@@ -246,9 +257,9 @@ def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList,
 
 
 @triton.jit
-def _query_major_kernel(
-    Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens, TileSeq, TileStart,
-    Out, Lse, Branches, DO, Delta, DGates, OCmp, KCmp, VCmp, CuCmp, LseCmp, DeltaCmp,
+def _query_major_tile(
+    tile, h, Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens, TileSeq, TileStart,
+    Out, Lse, Branches, DO, Delta, DGates, OCmp, KCmp, VCmp, CuCmp, LseCmp,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
     stride_st, stride_sh, stride_sn, stride_ot, stride_oh, stride_od,
@@ -262,16 +273,14 @@ def _query_major_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Forward (Out = gated output, Lse, Branches) or, with BACKWARD, dq (Out), Delta, DGates.
+    """Query tile `tile` (TileSeq/TileStart; sequence -1: nothing to do) of query head h.
+    Forward: Out = gated output, Lse, Branches. BACKWARD: dq (Out), Delta and DGates of the three
+    branches (DGates channels 1..3 with WITH_CMP, 0..2 without).
     WITH_CMP, forward: Out also gets the gated cmp output g_cmp * OCmp (gate channel 0);
-    backward: dq also takes the cmp branch's part (compressed keys KCmp/VCmp of contiguous rows,
-    its LseCmp and DeltaCmp (T_total, H) and the gate channel 0).
-
-    Program (tile, query head); TileSeq/TileStart map tiles to sequences (-1: idle program).
+    backward: the cmp branch's gate gradient rowsum(dout * OCmp) goes to DGates channel 0, and dq
+    takes the branch's part (compressed keys KCmp/VCmp of contiguous rows, its LseCmp (T_total, H)).
     """
-    h = tl.program_id(1)
-    seq, seq_start, length, tile_start = tile_bounds(TileSeq, TileStart, CuSeqlens,
-                                                     tl.program_id(0))
+    seq, seq_start, length, tile_start = tile_bounds(TileSeq, TileStart, CuSeqlens, tile)
     if seq < 0:
         return
     tile_last = tl.minimum(tile_start + BLOCK_M, length) - 1
@@ -306,7 +315,7 @@ def _query_major_kernel(
                                mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
             dgate = tl.sum(do.to(tl.float32) * o_branch, 1)
             delta = gate * dgate
-            tl.store(DGates + rows_global * stride_dgt + h * stride_dgh + branch * stride_dgc,
+            tl.store(DGates + rows_global * stride_dgt + h * stride_dgh + (branch + WITH_CMP) * stride_dgc,
                      dgate.to(DGates.dtype.element_ty), mask=row_ok)
             tl.store(Delta + stat, delta, mask=row_ok)
             lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
@@ -346,7 +355,11 @@ def _query_major_kernel(
         stat = rows_global * stride_lct + h * stride_lch
         gate = tl.load(G + rows_global * stride_gt + h * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
         lse2 = tl.load(LseCmp + stat, mask=row_ok, other=float("inf")) * LOG2E
-        delta = tl.load(DeltaCmp + stat, mask=row_ok, other=0.0)
+        o_cmp = tl.load(OCmp + rows_global[:, None] * stride_oct + h * stride_och + offs_dv[None, :],
+                        mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+        dgate = tl.sum(do.to(tl.float32) * o_cmp, 1)
+        delta = gate * dgate
+        tl.store(DGates + rows_global * stride_dgt + h * stride_dgh, dgate.to(DGates.dtype.element_ty), mask=row_ok)
         total, _, _ = _walk_branch(
             total, lse2, lse2, q, do, lse2, delta, gate, KCmp + cmp_bos * stride_kct + kv_head * stride_kch,
             VCmp + cmp_bos * stride_vct + kv_head * stride_vch, Sel, AnchorList, AnchorPrefix,
@@ -369,17 +382,24 @@ def _query_major_kernel(
 
 
 @triton.jit
-def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, rows, row_ok, stride_st,
+def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, rows, row_ok, stride_st, stride_ot,
               offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot, stride_dod, stride_gt,
-              qk_scale, PRECISION: tl.constexpr):
+              qk_scale, DELTA_FROM_O: tl.constexpr, PRECISION: tl.constexpr):
     """dk, dv of a key chunk from one chunk of query rows (global `rows`) of one head and branch:
-    Q, DO at the head; Lse, Delta at its statistics (row r at r * stride_st); G at its gate channel."""
+    Q, DO at the head; Lse at its statistics (row r at r * stride_st); G at its gate channel;
+    Delta at its stored softmax delta (like Lse), or with DELTA_FROM_O at the branch's output O
+    (row r at r * stride_ot, unit column stride), from which delta = gate * rowsum(dout * O) is
+    computed here."""
     q = _load_rows(Q, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
     do = _load_rows(DO, rows, row_ok, stride_dot, offs_dv, dv_ok, stride_dod)
     stat = rows.to(tl.int64) * stride_st
     lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
-    delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
     gate = tl.load(G + rows.to(tl.int64) * stride_gt, mask=row_ok, other=0.0).to(tl.float32)
+    if DELTA_FROM_O:
+        o = _load_rows(Delta, rows, row_ok, stride_ot, offs_dv, dv_ok, 1).to(tl.float32)
+        delta = gate * tl.sum(do.to(tl.float32) * o, 1)
+    else:
+        delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
     dv += tl.dot(tl.trans(p * gate[:, None]).to(do.dtype), do, input_precision=PRECISION)
@@ -390,36 +410,35 @@ def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, rows, row_ok, stride_
 
 
 @triton.jit
-def _compact_dkdv_kernel(
-    Q, K, V, G, DO, Lse, Delta, AnchorList, CuSeqlens, CuAnchor, AnchorChunkSeq, AnchorChunkStart,
-    DKAnchor, DVAnchor, KCmp, VCmp, LseCmp, DeltaCmp, CuCmp, CmpChunkSeq, CmpChunkStart, DKCmp, DVCmp,
+def _compact_chunk(
+    chunk, g, Q, K, V, G, DO, Lse, Branches, AnchorList, CuSeqlens, CuAnchor, AnchorChunkSeq, AnchorChunkStart,
+    DKAnchor, DVAnchor, KCmp, VCmp, LseCmp, OCmp, CuCmp, CmpChunkSeq, CmpChunkStart, DKCmp, DVCmp,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
-    stride_dot, stride_doh, stride_dod, stride_ckt, stride_ckh, stride_cvt, stride_cvh, stride_clt, stride_clh,
+    stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc, stride_dot, stride_doh, stride_dod,
+    stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
     total_tokens, num_heads, num_kv_heads, anchor_chunks, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dk, dv of BLOCK_N compact keys of one kv head that every query of their sequence may see:
-    programs below `anchor_chunks` take consecutive anchors (the jrn part, stored in fp32 by
-    anchor rank in DKAnchor/DVAnchor for _local_dkdv_kernel to add), the others consecutive
-    compressed blocks (the cmp branch's dk_cmp, dv_cmp, final). Both walk the same query rows
-    with the same step and differ only in where keys and row statistics live and in the causal
-    cut, so one launch serves both: one launch fewer, and the two small grids fill the GPU together."""
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    is_cmp = pid >= anchor_chunks
+    """dk, dv of BLOCK_N compact keys of kv head g that every query of their sequence may see:
+    chunks below `anchor_chunks` take consecutive anchors (the jrn part, stored in fp32 by anchor
+    rank in DKAnchor/DVAnchor for _local_dkdv_kernel to add), the others consecutive compressed
+    blocks (the cmp branch's dk_cmp, dv_cmp, final). Both walk the same query rows with the same
+    step and differ only in where keys, row statistics and the branch output live and in the
+    causal cut. The softmax delta is computed from the branch output (o_jrn in Branches, OCmp),
+    so these chunks need nothing from the query-major walk and run in its launch."""
+    is_cmp = chunk >= anchor_chunks
     if is_cmp:
-        seq, first, count, chunk = tile_bounds(CmpChunkSeq, CmpChunkStart, CuCmp, pid - anchor_chunks)
+        seq, first, count, start = tile_bounds(CmpChunkSeq, CmpChunkStart, CuCmp, chunk - anchor_chunks)
     else:
-        seq, first, count, chunk = tile_bounds(AnchorChunkSeq, AnchorChunkStart, CuAnchor, pid)
+        seq, first, count, start = tile_bounds(AnchorChunkSeq, AnchorChunkStart, CuAnchor, chunk)
     if seq < 0:
         return
     seq_start = tl.load(CuSeqlens + seq).to(tl.int32)
     length = tl.load(CuSeqlens + seq + 1).to(tl.int32) - seq_start
-    index = first + chunk + tl.arange(0, BLOCK_N)  # global compact row: compressed row or anchor rank
+    index = first + start + tl.arange(0, BLOCK_N)  # global compact row: compressed row or anchor rank
     col_ok = index < first + count
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -427,17 +446,19 @@ def _compact_dkdv_kernel(
     dv_ok = offs_dv < VALUE_DIM
     if is_cmp:
         # A compressed block is visible (causal) from its last token on.
-        first_row = (chunk + tl.arange(0, BLOCK_N)) * CMP_STRIDE + CMP_BLOCK - 1
-        k = _load_rows(KCmp + g * stride_ckh, index, col_ok, stride_ckt, offs_d, d_ok, 1)
-        v = _load_rows(VCmp + g * stride_cvh, index, col_ok, stride_cvt, offs_dv, dv_ok, 1)
-        lse_base, delta_base, stride_st, stride_sh, channel = LseCmp, DeltaCmp, stride_clt, stride_clh, 0
+        first_row = (start + tl.arange(0, BLOCK_N)) * CMP_STRIDE + CMP_BLOCK - 1
+        k = _load_rows(KCmp + g * stride_kch, index, col_ok, stride_kct, offs_d, d_ok, 1)
+        v = _load_rows(VCmp + g * stride_vch, index, col_ok, stride_vct, offs_dv, dv_ok, 1)
+        lse_base, stride_st, stride_sh, channel = LseCmp, stride_lct, stride_lch, 0
+        o_base, stride_ot, stride_oh = OCmp, stride_oct, stride_och
     else:
         token = tl.load(AnchorList + index, mask=col_ok, other=0)
         first_row = token - seq_start
         k = _load_rows(K + g * stride_kh, token, col_ok, stride_kt, offs_d, d_ok, stride_kd)
         v = _load_rows(V + g * stride_vh, token, col_ok, stride_vt, offs_dv, dv_ok, stride_vd)
-        jrn = total_tokens * num_heads  # branch 1 of the (3, H, T) statistics
-        lse_base, delta_base, stride_st, stride_sh, channel = Lse + jrn, Delta + jrn, 1, total_tokens, 2
+        jrn = total_tokens.to(tl.int64) * num_heads  # branch 1 of the (3, H, T) statistics and outputs
+        lse_base, stride_st, stride_sh, channel = Lse + jrn, 1, total_tokens, 2
+        o_base, stride_ot, stride_oh = Branches + jrn * VALUE_DIM, num_heads * VALUE_DIM, VALUE_DIM
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     if CAUSAL:
@@ -453,14 +474,14 @@ def _compact_dkdv_kernel(
             if CAUSAL:
                 visible = visible & (first_row[None, :] <= rows[:, None])
             dk, dv = _key_step(dk, dv, k, v, visible, Q + h * stride_qh, DO + h * stride_doh,
-                               lse_base + h * stride_sh, delta_base + h * stride_sh,
+                               lse_base + h * stride_sh, o_base + h * stride_oh,
                                G + h * stride_gh + channel * stride_gc, seq_start + rows, row_ok, stride_st,
-                               offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot, stride_dod,
-                               stride_gt, qk_scale, PRECISION)
+                               stride_ot, offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot,
+                               stride_dod, stride_gt, qk_scale, True, PRECISION)
     dk = dk * sm_scale
     if is_cmp:
-        rows_k = index.to(tl.int64) * stride_ckt + g * stride_ckh
-        rows_v = index.to(tl.int64) * stride_cvt + g * stride_cvh
+        rows_k = index.to(tl.int64) * stride_kct + g * stride_kch
+        rows_v = index.to(tl.int64) * stride_vct + g * stride_vch
         tl.store(DKCmp + rows_k[:, None] + offs_d[None, :], dk.to(DKCmp.dtype.element_ty),
                  mask=col_ok[:, None] & d_ok[None, :])
         tl.store(DVCmp + rows_v[:, None] + offs_dv[None, :], dv.to(DVCmp.dtype.element_ty),
@@ -537,9 +558,9 @@ def _local_dkdv_kernel(
                 if CAUSAL:
                     visible = visible & (cols[None, :] <= rows[:, None])
                 dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse + h * total_tokens,
-                                   Delta + h * total_tokens, Gh + stride_gc, seq_start + rows, row_ok, 1,
+                                   Delta + h * total_tokens, Gh + stride_gc, seq_start + rows, row_ok, 1, 0,
                                    offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot,
-                                   stride_dod, stride_gt, qk_scale, PRECISION)
+                                   stride_dod, stride_gt, qk_scale, False, PRECISION)
         for start in range(win_lo, win_hi, BLOCK_M):  # win
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < win_hi
@@ -551,8 +572,8 @@ def _local_dkdv_kernel(
                 visible = visible & (offset > -WINDOW)
             win = (2 * num_heads + h) * total_tokens  # branch 2 of the (3, H, T) statistics
             dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse + win, Delta + win, Gh + 3 * stride_gc,
-                               seq_start + rows, row_ok, 1, offs_d, d_ok, offs_dv, dv_ok, stride_qt,
-                               stride_qd, stride_dot, stride_dod, stride_gt, qk_scale, PRECISION)
+                               seq_start + rows, row_ok, 1, 0, offs_d, d_ok, offs_dv, dv_ok, stride_qt,
+                               stride_qd, stride_dot, stride_dod, stride_gt, qk_scale, False, PRECISION)
     rank = tl.load(AnchorPrefix + keys, mask=col_ok, other=0)
     is_anchor = col_ok & (tl.load(AnchorPrefix + keys + 1, mask=col_ok, other=0) > rank)
     anchor_rows = rank.to(tl.int64) * num_kv_heads + g
@@ -566,43 +587,103 @@ def _local_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
 
 
+@triton.jit
+def _sparse_kernel(
+    Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens, TileSeq, TileStart,
+    Out, Lse, Branches, DO, Delta, DGates, OCmp, KCmp, VCmp, CuCmp, LseCmp,
+    CuAnchor, AnchorChunkSeq, AnchorChunkStart, DKAnchor, DVAnchor, CmpChunkSeq, CmpChunkStart, DKCmp, DVCmp,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
+    stride_st, stride_sh, stride_sn, stride_ot, stride_oh, stride_od,
+    stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc,
+    stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
+    total_tokens, num_heads, num_kv_heads, query_tiles, anchor_chunks, compact_chunks, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, TOP_N: tl.constexpr,
+    SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
+    CAUSAL: tl.constexpr, BACKWARD: tl.constexpr, STORE_BRANCHES: tl.constexpr,
+    WITH_CMP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DKV_BLOCK_M: tl.constexpr, DKV_BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One launch, a 1-D grid: programs below query_tiles * num_heads are (query tile, query head)
+    of the query-major walk (_query_major_tile: the forward, or dq in the backward); with BACKWARD,
+    the rest are (compact chunk, kv head) of _compact_chunk. The two sets read only what the
+    forward left, so they share the launch, and the few compact programs fill the GPU beside the
+    walk instead of running alone in a launch of their own."""
+    pid = tl.program_id(0)
+    walk_programs = query_tiles * num_heads
+    if pid < walk_programs:
+        _query_major_tile(
+            pid % query_tiles, pid // query_tiles, Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens,
+            TileSeq, TileStart, Out, Lse, Branches, DO, Delta, DGates, OCmp, KCmp, VCmp, CuCmp, LseCmp,
+            stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+            stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
+            stride_st, stride_sh, stride_sn, stride_ot, stride_oh, stride_od,
+            stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc,
+            stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
+            total_tokens, num_heads, qk_scale, sm_scale, GROUP, HEAD_DIM, VALUE_DIM, TOP_N,
+            SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW, CAUSAL, BACKWARD, STORE_BRANCHES, WITH_CMP, CMP_BLOCK,
+            CMP_STRIDE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+    elif BACKWARD:
+        compact = pid - walk_programs
+        _compact_chunk(
+            compact % compact_chunks, compact // compact_chunks, Q, K, V, G, DO, Lse, Branches, AnchorList,
+            CuSeqlens, CuAnchor, AnchorChunkSeq, AnchorChunkStart, DKAnchor, DVAnchor, KCmp, VCmp, LseCmp,
+            OCmp, CuCmp, CmpChunkSeq, CmpChunkStart, DKCmp, DVCmp,
+            stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+            stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc, stride_dot, stride_doh, stride_dod,
+            stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
+            total_tokens, num_heads, num_kv_heads, anchor_chunks, qk_scale, sm_scale,
+            GROUP, HEAD_DIM, VALUE_DIM, CAUSAL, CMP_BLOCK, CMP_STRIDE, DKV_BLOCK_M, DKV_BLOCK_N, BLOCK_D,
+            BLOCK_DV, PRECISION)
+
+
 # ----------------------------------------------------------------------------------------------
 # Host wrappers
 # ----------------------------------------------------------------------------------------------
 
 
-def _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, lse, branches,
-                 dout, delta, dgates, geometry, o_cmp=None, cmp=None):
-    """o_cmp (forward): the cmp branch's output, added gated to out. cmp (backward):
-    (k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp) adds the cmp branch's part to dq."""
+def _launch(q, k, v, gates, selection, anchors, cu_seqlens, config, geometry, out, lse, branches,
+            dout=None, delta=None, dgates=None, o_cmp=None, cmp=None, compact=None):
+    """One _sparse_kernel launch. Forward: out, lse, branches (or None); o_cmp adds the gated cmp
+    output. Backward (dout given): dq into out, delta, dgates; cmp = (k_cmp, v_cmp, cu_cmp, lse_cmp)
+    with o_cmp adds the cmp branch's dq and gate gradient; compact = (cu_anchor, anchor chunk map,
+    dk_anchor, dv_anchor, cmp chunk map, dk_cmp, dv_cmp, anchor_chunks, compact_chunks) adds the
+    compact-key programs."""
     total, heads, dim = q.shape
-    block_m = geometry["block_m"]
+    kv_heads = k.shape[1]
     backward = dout is not None
     anchor_list, anchor_prefix = anchors
-    num_programs = max_tiles(total, cu_seqlens.shape[0] - 1, block_m)
-    tile_seq, tile_start = jagged_tiles(cu_seqlens, block_m, num_programs)
-    # The forward's unused pointers point at real tensors of the right dtype.
+    query_tiles = max_tiles(total, cu_seqlens.shape[0] - 1, geometry["block_m"])
+    tile_seq, tile_start = jagged_tiles(cu_seqlens, geometry["block_m"], query_tiles)
+    # Unused pointers point at real tensors of the right dtype.
     dout_ = dout if backward else q
     dgates_ = dgates if backward else gates
-    with_cmp = (cmp if backward else o_cmp) is not None
-    k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp = cmp if cmp is not None else (k, v, cu_seqlens, lse, lse)
-    k_cmp, v_cmp = k_cmp.contiguous(), v_cmp.contiguous()
+    with_cmp = o_cmp is not None
+    k_cmp, v_cmp, cu_cmp, lse_cmp = cmp if cmp is not None else (k, v, cu_seqlens, lse)
     o_cmp = out if o_cmp is None else o_cmp
-    _query_major_kernel[(num_programs, heads)](
+    if compact is None:
+        compact = (cu_seqlens, tile_seq, tile_start, lse, lse, tile_seq, tile_start, k_cmp, v_cmp, 0, 0)
+    cu_anchor, anchor_seq, anchor_start, dk_anchor, dv_anchor, cmp_seq, cmp_start, dk_cmp, dv_cmp, \
+        anchor_chunks, compact_chunks = compact
+    branches_ = out if branches is None else branches
+    _sparse_kernel[(query_tiles * heads + compact_chunks * kv_heads,)](
         q, k, v, gates, selection, anchor_list, anchor_prefix, cu_seqlens, tile_seq, tile_start,
-        out, lse, out if branches is None else branches, dout_, lse if delta is None else delta,
-        dgates_, o_cmp, k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp,
+        out, lse, branches_, dout_, lse if delta is None else delta, dgates_, o_cmp, k_cmp, v_cmp, cu_cmp,
+        lse_cmp, cu_anchor, anchor_seq, anchor_start, dk_anchor, dv_anchor, cmp_seq, cmp_start, dk_cmp, dv_cmp,
         *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *selection.stride(),
         *out.stride(), *dout_.stride(), *dgates_.stride(),
         o_cmp.stride(0), o_cmp.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
         lse_cmp.stride(0), lse_cmp.stride(1),
-        total, heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5,
-        GROUP=heads // k.shape[1], HEAD_DIM=dim, VALUE_DIM=v.shape[-1], TOP_N=config.top_n,
+        total, heads, kv_heads, query_tiles, anchor_chunks, compact_chunks, LOG2E.value / dim ** 0.5,
+        1.0 / dim ** 0.5,
+        GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=v.shape[-1], TOP_N=config.top_n,
         SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
         WINDOW=config.window, CAUSAL=config.causal, BACKWARD=backward,
         STORE_BRANCHES=branches is not None, WITH_CMP=with_cmp, CMP_BLOCK=config.block,
-        CMP_STRIDE=config.stride, BLOCK_M=block_m, BLOCK_N=geometry["block_n"],
-        BLOCK_D=geometry["block_d"], BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype),
+        CMP_STRIDE=config.stride, BLOCK_M=geometry["block_m"], BLOCK_N=geometry["block_n"],
+        BLOCK_D=geometry["block_d"], BLOCK_DV=geometry["block_dv"], DKV_BLOCK_M=geometry["compact_block_m"],
+        DKV_BLOCK_N=geometry["dkv_block_n"], PRECISION=dot_precision(q.dtype),
         num_warps=geometry["num_warps"], num_stages=2,
     )
 
@@ -621,63 +702,53 @@ def sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens, con
     if total == 0:
         return out, lse, branches
     anchors = (anchor_index(anchor_mask, cu_seqlens)[0], _anchor_prefix(anchor_mask))
-    _query_major(q, k, v, gates, selection, anchors, cu_seqlens, config, out, lse, branches,
-                 None, None, None, geometry, o_cmp=o_cmp)
+    _launch(q, k, v, gates, selection, anchors, cu_seqlens, config, geometry, out, lse, branches, o_cmp=o_cmp)
     return out, lse, branches
 
 
 def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlens,
                          config, branches, lse, block_m=None, block_n=None, cmp=None):
-    """-> (dq, dk, dv, dgates (T_total, H, 3), dk_cmp, dv_cmp); `branches` and `lse` come from the forward.
+    """-> (dq, dk, dv, dgates, dk_cmp, dv_cmp); `branches` and `lse` come from the forward.
 
-    cmp = (k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp): the cmp branch's backward too, gated by
-    gates[..., 0] (delta_cmp = g_cmp * rowsum(dout * o_cmp), (T_total, H) fp32 like lse_cmp, from
-    jsa_cmp.cmp_gate_backward): dq holds its part, and dk_cmp, dv_cmp are its key gradients
-    (zero past cu_cmp[-1]); without cmp they are None.
+    Without cmp: dgates (T_total, H, 3) = d/d(g_slc, g_jrn, g_win), dk_cmp = dv_cmp = None.
+    cmp = (k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp) from jsa_cmp's forward: the cmp branch's backward
+    too, gated by gates[..., 0]: dq holds its part, dgates is (T_total, H, 4) in the gates' channel
+    order (cmp first), and dk_cmp, dv_cmp are its key gradients (zero past cu_cmp[-1]).
     """
     total, heads, dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
     batch = cu_seqlens.shape[0] - 1
     geometry = launch_geometry(config, dim, block_m, block_n, value_dim)
-    block_n = geometry["dkv_block_n"]  # keys per program of the key-major kernels
+    block_n = geometry["dkv_block_n"]  # keys per program of the key-major work
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
-    dgates = empty((total, heads, NUM_BRANCHES), gates.dtype, gates.device)
-    k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp = cmp if cmp is not None else (k, v, cu_seqlens, lse, lse)
-    k_cmp, v_cmp, lse_cmp, delta_cmp = (t.contiguous() for t in (k_cmp, v_cmp, lse_cmp, delta_cmp))
-    # Zeros: k_cmp / v_cmp may end in padding rows (past cu_cmp[-1]) that no program owns.
-    dk_cmp, dv_cmp = (torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)) if cmp is not None else (None, None)
+    dgates = empty((total, heads, NUM_BRANCHES + (cmp is not None)), gates.dtype, gates.device)
+    dk_cmp = dv_cmp = o_cmp = None
+    if cmp is not None:
+        k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp = cmp
+        k_cmp, v_cmp, o_cmp, lse_cmp = (t.contiguous() for t in (k_cmp, v_cmp, o_cmp, lse_cmp))
+        # Zeros: k_cmp / v_cmp may end in padding rows (past cu_cmp[-1]) that no program owns.
+        dk_cmp, dv_cmp = torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
     if total == 0:
         return dq, dk, dv, dgates, dk_cmp, dv_cmp
     anchor_list, cu_anchor = anchor_index(anchor_mask, cu_seqlens)
     anchor_prefix = _anchor_prefix(anchor_mask)
     delta = empty((NUM_BRANCHES, heads, total), torch.float32, q.device)
-    _query_major(q, k, v, gates, selection, (anchor_list, anchor_prefix), cu_seqlens, config,
-                 dq, lse, branches, dout, delta, dgates, geometry, cmp=cmp)
-
-    shared = dict(GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=value_dim, CAUSAL=config.causal,
-                  BLOCK_M=geometry["dkv_block_m"], BLOCK_N=block_n, BLOCK_D=geometry["block_d"],
-                  BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype),
-                  num_warps=geometry["num_warps"], num_stages=2)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *gates.stride(), *dout.stride())
-    scale = (LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5)
-
-    # Anchor chunks (jrn part of dk/dv, fp32, by anchor rank; rows past the anchor count stay
-    # unwritten) and compressed-block chunks (dk_cmp, dv_cmp) in one launch.
+    # Compact keys: anchor chunks (the jrn part of dk/dv, fp32, by anchor rank; rows past the anchor
+    # count stay unwritten) and compressed-block chunks (dk_cmp, dv_cmp), in the dq walk's launch.
     dk_anchor = empty((total, kv_heads, dim), torch.float32, q.device)
     dv_anchor = empty((total, kv_heads, value_dim), torch.float32, q.device)
     anchor_chunks = max_tiles(total, batch, block_n)
-    chunk_seq, chunk_start = jagged_tiles(cu_anchor, block_n, anchor_chunks)
+    anchor_seq, anchor_start = jagged_tiles(cu_anchor, block_n, anchor_chunks)
     cmp_chunks = max_tiles(k_cmp.shape[0], batch, block_n) if cmp is not None else 0
-    cmp_seq, cmp_start = jagged_tiles(cu_cmp, block_n, max(cmp_chunks, 1))
-    dk_cmp_, dv_cmp_ = (dk_cmp, dv_cmp) if cmp is not None else (k_cmp, v_cmp)  # unused pointers: right dtypes
-    _compact_dkdv_kernel[(anchor_chunks + cmp_chunks, kv_heads)](
-        q, k, v, gates, dout, lse, delta, anchor_list, cu_seqlens, cu_anchor, chunk_seq, chunk_start,
-        dk_anchor, dv_anchor, k_cmp, v_cmp, lse_cmp, delta_cmp, cu_cmp, cmp_seq, cmp_start, dk_cmp_, dv_cmp_,
-        *strides, k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
-        lse_cmp.stride(0), lse_cmp.stride(1), total, heads, kv_heads, anchor_chunks, *scale,
-        CMP_BLOCK=config.block, CMP_STRIDE=config.stride, **shared)
+    cmp_seq, cmp_start = jagged_tiles(cu_cmp, block_n, cmp_chunks) if cmp is not None else (anchor_seq, anchor_start)
+    compact = (cu_anchor, anchor_seq, anchor_start, dk_anchor, dv_anchor, cmp_seq, cmp_start,
+               dk_cmp if cmp is not None else dk, dv_cmp if cmp is not None else dv, anchor_chunks,
+               anchor_chunks + cmp_chunks)
+    _launch(q, k, v, gates, selection, (anchor_list, anchor_prefix), cu_seqlens, config, geometry, dq, lse,
+            branches, dout=dout, delta=delta, dgates=dgates, o_cmp=o_cmp,
+            cmp=None if cmp is None else (k_cmp, v_cmp, cu_cmp, lse_cmp), compact=compact)
 
     num_blocks = max_tiles(total, batch, config.select_block)
     block_seq, block_start = jagged_tiles(cu_seqlens, config.select_block, num_blocks)
@@ -686,7 +757,11 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     _local_dkdv_kernel[(num_blocks * chunks, kv_heads)](
         q, k, v, gates, dout, lse, delta, anchor_prefix, cu_seqlens, block_seq, block_start,
         inv_tiles, inv_offsets, dk_anchor, dv_anchor, dk, dv,
-        *strides, *dk.stride(), *dv.stride(), total, heads, kv_heads, *scale,
-        SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
-        WINDOW=config.window, CHUNKS=chunks, **shared)
+        *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5,
+        GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=value_dim, SELECT_BLOCK=config.select_block,
+        SELECT_Q_BLOCK=config.select_q_block, WINDOW=config.window, CAUSAL=config.causal, CHUNKS=chunks,
+        BLOCK_M=geometry["dkv_block_m"], BLOCK_N=block_n, BLOCK_D=geometry["block_d"],
+        BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype),
+        num_warps=geometry["num_warps"], num_stages=2)
     return dq, dk, dv, dgates, dk_cmp, dv_cmp

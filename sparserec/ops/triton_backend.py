@@ -17,19 +17,18 @@ programs exit), so it can be captured in a CUDA graph and traced by torch.compil
   1. jsa_cmp.cmp_attention_select   o_cmp, lse_cmp and the selection (T_total, Hkv, top_n) int32
                                      from the cmp probabilities, in one launch
   2. jsa_sparse.sparse_attention_fwd   out = g_cmp*o_cmp + g_slc*o_slc + g_jrn*o_jrn + g_win*o_win
-Backward: jsa_cmp.cmp_gate_backward (eager: d g_cmp and the cmp delta), then
-jsa_sparse.sparse_attention_bwd (dq of all four branches, dk, dv, dk_cmp, dv_cmp, d g_slc/jrn/win);
-selection is not differentiated.
+Backward: jsa_sparse.sparse_attention_bwd with the cmp branch's tensors (dq of all four branches,
+dk, dv, dk_cmp, dv_cmp and every gate's gradient, in two launches); selection is not differentiated.
 
 Interface with triton_kernels/jsa_sparse.py (its module docstring is the authority):
     out, lse, branches = sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens,
                                               config, store_branches=False, o_cmp=o_cmp)
     dq, dk, dv, dgates, dk_cmp, dv_cmp = sparse_attention_bwd(
         dout, q, k, v, gates, selection, anchor_mask, cu_seqlens, config, branches, lse,
-        cmp=(k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp))
+        cmp=(k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp))
   out (T_total, H, D) = g_cmp*o_cmp + g_slc*o_slc + g_jrn*o_jrn + g_win*o_win (gates channels 0..3);
   lse (3, H, T_total) fp32; branches (3, T_total, H, D), kept only for a backward;
-  dgates (T_total, H, 3).
+  dgates (T_total, H, 4), the gates' channel order.
 
 Compression's exact output size (the number of full blocks) depends on the lengths: `compress` reads
 it from the device unless the caller passes a static bound (`num_blocks`, e.g. T_total // stride, as
@@ -131,11 +130,9 @@ def triton_jsa_attention_backward(
     select_q_block: int, window: int, causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     config = _config(block, stride, select_block, top_n, select_q_block, window, causal)
-    dgate_cmp, delta_cmp = jsa_cmp.cmp_gate_backward(dout, gates[..., 0], o_cmp)
     dq, dk, dv, dgates, dk_cmp, dv_cmp = jsa_sparse.sparse_attention_bwd(
         dout, q, k, v, gates, selection, anchor_mask, cu_seqlens, config, branches, lse_sparse,
-        cmp=(k_cmp, v_cmp, cu_cmp, lse_cmp, delta_cmp))
-    dgates = torch.cat([dgate_cmp.to(dgates.dtype)[..., None], dgates], dim=-1)
+        cmp=(k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp))
     return dq, dk, dv, dk_cmp, dv_cmp, dgates
 
 
