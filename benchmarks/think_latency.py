@@ -3,8 +3,8 @@
 
 Per user (a batch of one): encode + trie-constrained beam search (`sparserec.models.recommend`),
 the median of `--repeats` timings after a warm-up; then the same for batches of `--batch` users
-(time per user), also interleaved. Reports the median over users of each run's per-user latency and the ratio
-think / baseline, with the decoder tokens each fed per item path.
+(time per user), also interleaved. Reports the median over users of each run's per-user latency
+and the ratio think / baseline, with the decoder tokens each fed per item path.
 
     OMP_NUM_THREADS=1 python benchmarks/think_latency.py runs/baseline runs/think --users 100
 """
