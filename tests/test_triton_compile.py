@@ -21,7 +21,7 @@ def test_every_kernel_builds_for_sm90_without_spills(tmp_path):
     lines = result.stdout.splitlines()
     built = {line.split()[0] for line in lines if line.endswith("  ok")}
     assert built == set(KERNELS), result.stdout
-    # Separate builds: the query-major kernel's forward and backward, the cmp forward with and
+    # Separate builds: the sparse kernel's forward and backward, the cmp forward with and
     # without its attention phase.
     assert "8 distinct sm_90a builds, 8 ok" in lines[-1], lines[-1]
 

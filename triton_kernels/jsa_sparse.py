@@ -647,8 +647,9 @@ def _launch(q, k, v, gates, selection, anchors, cu_seqlens, config, geometry, ou
             dout=None, delta=None, dgates=None, o_cmp=None, cmp=None, compact=None):
     """One _sparse_kernel launch. Forward: out, lse, branches (or None); o_cmp adds the gated cmp
     output. Backward (dout given): dq into out, delta, dgates; cmp = (k_cmp, v_cmp, cu_cmp, lse_cmp)
-    with o_cmp adds the cmp branch's dq and gate gradient; compact = (cu_anchor, anchor chunk map,
-    dk_anchor, dv_anchor, cmp chunk map, dk_cmp, dv_cmp, anchor_chunks, compact_chunks) adds the
+    with o_cmp adds the cmp branch's dq and gate gradient; compact (a dict: cu_anchor, the anchor and
+    cmp chunk maps anchor_seq/anchor_start and cmp_seq/cmp_start, the outputs dk_anchor, dv_anchor,
+    dk_cmp, dv_cmp, and the program counts anchor_chunks and chunks, both kinds) adds the
     compact-key programs."""
     total, heads, dim = q.shape
     kv_heads = k.shape[1]
@@ -663,19 +664,21 @@ def _launch(q, k, v, gates, selection, anchors, cu_seqlens, config, geometry, ou
     k_cmp, v_cmp, cu_cmp, lse_cmp = cmp if cmp is not None else (k, v, cu_seqlens, lse)
     o_cmp = out if o_cmp is None else o_cmp
     if compact is None:
-        compact = (cu_seqlens, tile_seq, tile_start, lse, lse, tile_seq, tile_start, k_cmp, v_cmp, 0, 0)
-    cu_anchor, anchor_seq, anchor_start, dk_anchor, dv_anchor, cmp_seq, cmp_start, dk_cmp, dv_cmp, \
-        anchor_chunks, compact_chunks = compact
+        compact = dict(cu_anchor=cu_seqlens, anchor_seq=tile_seq, anchor_start=tile_start, dk_anchor=lse,
+                       dv_anchor=lse, cmp_seq=tile_seq, cmp_start=tile_start, dk_cmp=k_cmp, dv_cmp=v_cmp,
+                       anchor_chunks=0, chunks=0)
+    c = compact
     branches_ = out if branches is None else branches
-    _sparse_kernel[(query_tiles * heads + compact_chunks * kv_heads,)](
+    _sparse_kernel[(query_tiles * heads + c["chunks"] * kv_heads,)](
         q, k, v, gates, selection, anchor_list, anchor_prefix, cu_seqlens, tile_seq, tile_start,
         out, lse, branches_, dout_, lse if delta is None else delta, dgates_, o_cmp, k_cmp, v_cmp, cu_cmp,
-        lse_cmp, cu_anchor, anchor_seq, anchor_start, dk_anchor, dv_anchor, cmp_seq, cmp_start, dk_cmp, dv_cmp,
+        lse_cmp, c["cu_anchor"], c["anchor_seq"], c["anchor_start"], c["dk_anchor"], c["dv_anchor"],
+        c["cmp_seq"], c["cmp_start"], c["dk_cmp"], c["dv_cmp"],
         *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *selection.stride(),
         *out.stride(), *dout_.stride(), *dgates_.stride(),
         o_cmp.stride(0), o_cmp.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
         lse_cmp.stride(0), lse_cmp.stride(1),
-        total, heads, kv_heads, query_tiles, anchor_chunks, compact_chunks, LOG2E.value / dim ** 0.5,
+        total, heads, kv_heads, query_tiles, c["anchor_chunks"], c["chunks"], LOG2E.value / dim ** 0.5,
         1.0 / dim ** 0.5,
         GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=v.shape[-1], TOP_N=config.top_n,
         SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
@@ -743,9 +746,10 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     anchor_seq, anchor_start = jagged_tiles(cu_anchor, block_n, anchor_chunks)
     cmp_chunks = max_tiles(k_cmp.shape[0], batch, block_n) if cmp is not None else 0
     cmp_seq, cmp_start = jagged_tiles(cu_cmp, block_n, cmp_chunks) if cmp is not None else (anchor_seq, anchor_start)
-    compact = (cu_anchor, anchor_seq, anchor_start, dk_anchor, dv_anchor, cmp_seq, cmp_start,
-               dk_cmp if cmp is not None else dk, dv_cmp if cmp is not None else dv, anchor_chunks,
-               anchor_chunks + cmp_chunks)
+    compact = dict(cu_anchor=cu_anchor, anchor_seq=anchor_seq, anchor_start=anchor_start, dk_anchor=dk_anchor,
+                   dv_anchor=dv_anchor, cmp_seq=cmp_seq, cmp_start=cmp_start,
+                   dk_cmp=dk if cmp is None else dk_cmp, dv_cmp=dv if cmp is None else dv_cmp,  # unused: right dtypes
+                   anchor_chunks=anchor_chunks, chunks=anchor_chunks + cmp_chunks)
     _launch(q, k, v, gates, selection, (anchor_list, anchor_prefix), cu_seqlens, config, geometry, dq, lse,
             branches, dout=dout, delta=delta, dgates=dgates, o_cmp=o_cmp,
             cmp=None if cmp is None else (k_cmp, v_cmp, cu_cmp, lse_cmp), compact=compact)
