@@ -3,7 +3,8 @@
 Compressed tensors are sized by a static bound (`compressed_rows_bound` = T_total // stride rows,
 zero-padded past cu_cmp[-1]); every backend must write those zeros, never read the padding in
 attention, and ignore its gradients. Then a JourneySparseAttention forward and backward makes no
-host read (a sync on a GPU) and traces whole under torch.compile(fullgraph=True).
+host read (a sync on a GPU) and traces whole under torch.compile(fullgraph=True). One batch plan
+(`jsa_plan`: tile maps, packed anchors) serves every layer, forward and backward.
 """
 import pytest
 import torch
@@ -183,3 +184,84 @@ def test_num_blocks_below_the_block_count_is_refused():
     with pytest.raises(ValueError, match="num_blocks must be"):
         jsa_compress(inputs.k, inputs.weight_k, inputs.pe_k, inputs.cu_seqlens, CONFIG.block, CONFIG.stride,
                      num_blocks=-1)
+
+
+def _stacked(backend, layers=3):
+    torch.manual_seed(0)
+    return [JourneySparseAttention(32, 4, 2, config=CONFIG, backend=backend, compress="mlp") for _ in range(layers)]
+
+
+def _run_stacked(modules, x, cu_seqlens, anchors, plan=None):
+    for module in modules:
+        x = module(x, cu_seqlens, anchors, plan=plan)
+    return x
+
+
+@pytest.mark.skipif("triton" not in AVAILABLE, reason="needs the Triton backend")
+def test_one_plan_serves_every_layer_forward_and_backward(device_policy, monkeypatch):
+    """Issue 14, item 2: a batch's plan (tile maps, packed anchors) is built once; no layer, forward
+    or backward, rebuilds any map; results are those of per-call maps, and nothing reads the host."""
+    from sparserec.triton_kernels import jsa_cmp, plan as plan_module
+
+    modules = _stacked("triton")
+    x, cu_seqlens, anchors = _module_step(modules[0], LENGTHS)
+    expected = _run_stacked(modules, x, cu_seqlens, anchors)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+
+    maps_built = []
+    for module in (plan_module, jsa_cmp):
+        original = module.jagged_tiles
+        monkeypatch.setattr(module, "jagged_tiles", lambda *a, _f=original: maps_built.append(a[1]) or _f(*a))
+    with HostReads() as reads:
+        plan = modules[0].plan(cu_seqlens, anchors)
+        built_by_plan = len(maps_built)
+        out = _run_stacked(modules, x, cu_seqlens, anchors, plan)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+    assert built_by_plan == 5 and len(maps_built) == built_by_plan, maps_built  # 3 layers, fwd + bwd: none rebuilt
+    assert reads.reads == []
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_a_plan_serves_only_its_own_call(backend):
+    modules = _stacked(backend, layers=1)
+    x, cu_seqlens, anchors = _module_step(modules[0], LENGTHS)
+    plan = modules[0].plan(cu_seqlens, anchors, dtype=x.dtype)
+    other_batch = torch.tensor([0, 7, sum(LENGTHS)])
+    with pytest.raises(ValueError, match="another call: sequences 4 .*this call: 2"):
+        modules[0](x, other_batch, anchors, plan=plan)
+    wider = JourneySparseAttention(64, 4, 2, config=CONFIG, backend=backend)
+    with pytest.raises(ValueError, match="head_dim 8 .*this call: 16"):
+        wider(torch.randn(sum(LENGTHS), 64), cu_seqlens, anchors, plan=plan)
+    other = "reference" if backend != "reference" else AVAILABLE[0]
+    if other != backend:
+        with pytest.raises(ValueError, match=f"backend '{backend}' .*this call: '{other}'"):
+            JourneySparseAttention(32, 4, 2, config=CONFIG, backend=other)(x, cu_seqlens, anchors, plan=plan)
+    with pytest.raises(ValueError, match="packed .* only"):
+        modules[0](x[None], anchor_mask=anchors[None], plan=plan)
+    # Same counts, other values: compared where values may be read (CPU tensors).
+    shifted = cu_seqlens.clone()
+    shifted[1] += 1
+    with pytest.raises(ValueError, match="cu_seqlens differs from the plan's"):
+        modules[0](x, shifted, anchors, plan=plan)
+    with pytest.raises(ValueError, match="anchor_mask differs from the plan's"):
+        modules[0](x, cu_seqlens, ~anchors, plan=plan)
+
+
+@pytest.mark.skipif("triton" not in AVAILABLE, reason="needs the Triton backend")
+def test_plan_and_layers_trace_whole_under_torch_compile():
+    modules = _stacked("triton", layers=2)
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager", dynamic=True)
+    def encoder(x, cu_seqlens, anchors):
+        return _run_stacked(modules, x, cu_seqlens, anchors, modules[0].plan(cu_seqlens, anchors, dtype=x.dtype))
+
+    x, cu_seqlens, anchors = _module_step(modules[0], LENGTHS)
+    out = encoder(x, cu_seqlens, anchors)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    expected = _run_stacked(modules, x, cu_seqlens, anchors)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, expected_grad)

@@ -17,7 +17,7 @@ import torch
 import sparserec
 from jsa_inputs import make_inputs
 from sparserec import JSAConfig
-from sparserec.ops import jsa_attention, jsa_compress
+from sparserec.ops import jsa_attention, jsa_compress, jsa_plan
 from sparserec.ops.dispatch import resolve
 from sparserec.reference import jsa_attention as reference_attention
 from sparserec.triton_kernels.common import interpreting
@@ -126,14 +126,18 @@ def test_compress_then_attend_end_to_end():
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_attention_op_passes_opcheck():
+@pytest.mark.parametrize("with_plan", [False, True])
+def test_attention_op_passes_opcheck(with_plan):
+    """With the batch plan's maps as an input (with_plan), or building its own ([])."""
     inputs = make_inputs([5, 19], CONFIG, heads=2, kv_heads=1, dim=16, device=DEVICE).to(torch.float32)
+    plan = jsa_plan(inputs.cu_seqlens, inputs.anchor_mask, CONFIG, 16, backend="triton")
     args = list(inputs.attention_args())
     for i in (0, 5):  # q and gates
         args[i] = args[i].requires_grad_()
     config_args = (CONFIG.block, CONFIG.stride, CONFIG.select_block, CONFIG.top_n, CONFIG.select_q_block,
                    CONFIG.window, CONFIG.causal)
-    torch.library.opcheck(torch.ops.sparserec.triton_jsa_attention.default, (*args, *config_args, True),
+    torch.library.opcheck(torch.ops.sparserec.triton_jsa_attention.default,
+                          (*args, *config_args, True, list(plan.attention) if with_plan else []),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

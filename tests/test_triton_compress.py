@@ -12,6 +12,7 @@ from sparserec.ops import jsa_compress
 from sparserec.reference import jsa_compress as reference_compress
 from sparserec.triton_kernels.common import interpreting
 from sparserec.triton_kernels.jsa_compress import compress_bwd, compress_fwd, compressed_cu_seqlens
+from sparserec.triton_kernels.plan import compress_plan
 from tolerance import assert_close_to_reference
 
 DEVICE = "cpu" if interpreting() else "cuda"
@@ -95,12 +96,18 @@ def test_public_op_with_autograd_and_int32_offsets():
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
-def test_compress_op_passes_opcheck():
+@pytest.mark.parametrize("with_plan", [False, True])
+def test_compress_op_passes_opcheck(with_plan):
+    """With the batch plan's maps as an input (with_plan), or building its own ([])."""
+    import sparserec.ops.triton_backend  # noqa: F401  (registers the op; the dispatcher imports it lazily)
+
     x, weight, pe, cu = (t.float() if t.is_floating_point() else t for t in make([7, 18], 1, 16, 4))
     cu_cmp = compressed_cu_seqlens(cu, 4, 2)
+    num_blocks = x.shape[0] // 2  # the static bound, with padding rows
     weight.requires_grad_()
+    plan = list(compress_plan(cu, cu_cmp, num_blocks, 4, 2)) if with_plan else []
     torch.library.opcheck(torch.ops.sparserec.triton_jsa_compress.default,
-                          (x, weight, pe, cu, cu_cmp, 4, 2, int(cu_cmp[-1])))
+                          (x, weight, pe, cu, cu_cmp, 4, 2, num_blocks, plan))
 
 
 @pytest.mark.gpu

@@ -17,10 +17,6 @@ launch stays capturable in a CUDA graph and traceable by torch.compile):
                                       (tile_seq, tile_start) int32 (num_tiles,): program p works on
                                       tokens [tile_start, tile_start + block) of sequence tile_seq
                                       (sequence-local); tile_seq == -1 marks a spare program
-  anchor_index(anchor_mask, cu_seqlens)
-                                      (anchor_pos int32 (T_total,), cu_anchor int32 (B+1,)):
-                                      the anchors of sequence b are the global token indices
-                                      anchor_pos[cu_anchor[b]:cu_anchor[b+1]], ascending
   dot_precision(dtype)                "ieee" for fp32/fp64 (tl.dot would round fp32 to tf32), else "tf32"
   launch_configs(configs)             an autotune list; only its first entry under the interpreter
   chosen_config(kernel)               an autotuned kernel's config as last chosen (before any launch:
@@ -105,18 +101,6 @@ def jagged_tiles(cu_seqlens: torch.Tensor, block: int, num_tiles: int):
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     tile_seq, tile_index = enumerate_jagged((lengths + block - 1) // block, num_tiles)
     return tile_seq, tile_index * block
-
-
-def anchor_index(anchor_mask: torch.Tensor, cu_seqlens: torch.Tensor):
-    """Compact anchor positions without a host sync: a cumsum ranks the anchors, a scatter packs them."""
-    total = anchor_mask.numel()
-    rank = torch.cumsum(anchor_mask.to(torch.int32), 0)
-    slot = torch.where(anchor_mask, rank - 1, total).long()
-    packed = torch.full((total + 1,), -1, dtype=torch.int32, device=anchor_mask.device)
-    packed.scatter_(0, slot, torch.arange(total, dtype=torch.int32, device=anchor_mask.device))
-    counts = torch.cat([rank.new_zeros(1), rank])
-    cu_anchor = counts[cu_seqlens.long()].to(torch.int32)
-    return packed[:total], cu_anchor
 
 
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, cdiv, dot_precision, empty, jagged_tiles, max_tiles, next_power_of_2, tile_bounds
+from .plan import check_tiles, token_tiles
 
 @triton.jit
 def _visible_blocks(last_row, num_cmp, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, CAUSAL: tl.constexpr):
@@ -225,12 +226,17 @@ def _meta(q, k_cmp, config, v_cmp=None):
     return meta
 
 
-def _fwd_select(q, k_cmp, v_cmp, out, lse, cu_seqlens, cu_cmp, config, attend: bool) -> torch.Tensor:
+def _fwd_select(q, k_cmp, v_cmp, out, lse, cu_seqlens, cu_cmp, config, attend: bool, plan) -> torch.Tensor:
     total, heads, dim = q.shape
     kv_heads = k_cmp.shape[1]
     tile = config.select_q_block
     num_tiles = max_tiles(total, cu_seqlens.numel() - 1, tile)
-    tile_seq, tile_start = jagged_tiles(cu_seqlens, tile, num_tiles)
+    if plan is None:
+        tile_seq, tile_start = jagged_tiles(cu_seqlens, tile, num_tiles)
+        token_tile = token_tiles(cu_seqlens, tile, total)
+    else:
+        check_tiles(plan.select_tile_seq, total, cu_seqlens.numel() - 1, tile, "selection tile")
+        tile_seq, tile_start, token_tile = plan.select_tile_seq, plan.select_tile_start, plan.token_tile
     per_tile = torch.empty(num_tiles, kv_heads, config.top_n, dtype=torch.int32, device=q.device)
     geometry = launch_geometry(config, dim)
     _cmp_fwd_select[(num_tiles, kv_heads)](
@@ -243,30 +249,21 @@ def _fwd_select(q, k_cmp, v_cmp, out, lse, cu_seqlens, cu_cmp, config, attend: b
         # Head dim 128 with 4 warps used all 255 registers a thread (no spill, but no headroom).
         num_warps=4 if max(dim, v_cmp.shape[-1]) <= 64 else 8, **_meta(q, k_cmp, config, v_cmp),
     )
-    return per_tile[token_tiles(cu_seqlens, tile, total)]
+    return per_tile[token_tile]
 
 
-def cmp_attention_select(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config):
+def cmp_attention_select(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config, plan=None):
     """One launch: o_cmp (T_total, H, Dv) in q's dtype, its logsumexp (T_total, H) fp32 (+inf:
     nothing visible) and the top-N selection blocks (T_total, Hkv, top_n) int32, ascending, -1
-    padded (SPEC §1 cmp and slc)."""
+    padded (SPEC §1 cmp and slc). plan: the batch's `plan.AttentionPlan`, whose selection tile
+    maps it uses (built here when None)."""
     total, heads, _ = q.shape
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     out = empty((total, heads, v_cmp.shape[-1]), q.dtype, q.device)
     lse = empty((total, heads), torch.float32, q.device)
     if total == 0:
         return out, lse, torch.empty(0, k_cmp.shape[1], config.top_n, dtype=torch.int32, device=q.device)
-    return out, lse, _fwd_select(q, k_cmp, v_cmp, out, lse, cu_seqlens, cu_cmp, config, attend=True)
-
-
-def token_tiles(cu_seqlens, block: int, total: int) -> torch.Tensor:
-    """Index (int64, (total,)) of each token's tile in `jagged_tiles(cu_seqlens, block, ...)`."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    tiles = (lengths + block - 1) // block
-    tiles_before = torch.cumsum(tiles, 0) - tiles
-    token = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    seq = torch.searchsorted(cu_seqlens[1:], token, right=True)
-    return tiles_before[seq] + (token - cu_seqlens[seq]) // block
+    return out, lse, _fwd_select(q, k_cmp, v_cmp, out, lse, cu_seqlens, cu_cmp, config, attend=True, plan=plan)
 
 
 def cmp_select(q, k_cmp, lse, cu_seqlens, cu_cmp, config) -> torch.Tensor:
@@ -277,4 +274,4 @@ def cmp_select(q, k_cmp, lse, cu_seqlens, cu_cmp, config) -> torch.Tensor:
         return torch.empty(0, k_cmp.shape[1], config.top_n, dtype=torch.int32, device=q.device)
     q, k_cmp = q.contiguous(), k_cmp.contiguous()
     # The attention phase is compiled out; its pointers only need the right dtypes.
-    return _fwd_select(q, k_cmp, k_cmp, q, lse, cu_seqlens, cu_cmp, config, attend=False)
+    return _fwd_select(q, k_cmp, k_cmp, q, lse, cu_seqlens, cu_cmp, config, attend=False, plan=None)

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (HOPPER_SHARED_MEMORY, cdiv, chosen_config, dot_precision, empty, enumerate_jagged, launch_configs,
-                     next_power_of_2)
+from .common import HOPPER_SHARED_MEMORY, cdiv, chosen_config, dot_precision, empty, launch_configs, next_power_of_2
+from .plan import compress_plan
 
 
 def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block: int, stride: int) -> torch.Tensor:
@@ -27,13 +27,6 @@ def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block: int, stride: int) -> 
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     counts = torch.where(lengths >= block, (lengths - block) // stride + 1, 0)
     return torch.cat([cu_seqlens.new_zeros(1), torch.cumsum(counts, 0).to(cu_seqlens.dtype)])
-
-
-def block_starts(cu_seqlens, cu_cmp, num_blocks: int, stride: int) -> torch.Tensor:
-    """Global token index (int32, (num_blocks,)) of each compressed block's first token; -1 for the
-    padding rows past cu_cmp[-1] (num_blocks may be a static bound on the block count)."""
-    seq, index = enumerate_jagged(cu_cmp[1:] - cu_cmp[:-1], num_blocks)
-    return torch.where(seq >= 0, cu_seqlens[seq.long()] + index * stride, -1).to(torch.int32)
 
 
 def _configs():
@@ -163,14 +156,15 @@ def _compress_bwd_dx(
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
-def compress_fwd(x, weight, pe, cu_seqlens, cu_cmp, num_blocks: int, block: int, stride: int):
-    """(num_blocks, Hkv, D) compressed keys or values; rows past cu_cmp[-1] are zeros."""
+def compress_fwd(x, weight, pe, cu_seqlens, cu_cmp, num_blocks: int, block: int, stride: int, plan=None):
+    """(num_blocks, Hkv, D) compressed keys or values; rows past cu_cmp[-1] are zeros. plan: the
+    batch's `plan.CompressPlan` for these num_blocks (built here when None)."""
     _, kv_heads, dim = x.shape
     x, weight, pe = x.contiguous(), weight.contiguous(), pe.contiguous()
     out = empty((num_blocks, kv_heads, dim), x.dtype, x.device)
     if num_blocks == 0:
         return out
-    starts = block_starts(cu_seqlens, cu_cmp, num_blocks, stride)
+    starts = _plan(plan, cu_seqlens, cu_cmp, num_blocks, block, stride).starts
     grid = lambda meta: (cdiv(num_blocks, meta["BLOCK_C"]), kv_heads)  # noqa: E731
     _compress_fwd[grid](
         x, weight, pe, out, starts, num_blocks,
@@ -195,7 +189,15 @@ def launch_geometry(head_dim: int) -> dict:
                 dx_block_c=chosen_config(_compress_bwd_dx).kwargs["BLOCK_C"], dw_splits=dw_splits)
 
 
-def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: int):
+def _plan(plan, cu_seqlens, cu_cmp, num_blocks: int, block: int, stride: int):
+    if plan is None:
+        return compress_plan(cu_seqlens, cu_cmp, num_blocks, block, stride)
+    if plan.starts.shape[0] != num_blocks:
+        raise ValueError(f"the compress plan covers {plan.starts.shape[0]} compressed rows, this call has {num_blocks}")
+    return plan
+
+
+def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: int, plan=None):
     """Gradients (dx, dweight, dpe) of `compress_fwd` given dout (Tc_total, Hkv, D)."""
     total, kv_heads, dim = x.shape
     num_blocks = dout.shape[0]
@@ -205,7 +207,8 @@ def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: in
         return dx, torch.zeros_like(weight), torch.zeros_like(pe)
     block_d = max(16, next_power_of_2(dim))
     precision = dot_precision(x.dtype)
-    starts = block_starts(cu_seqlens, cu_cmp, num_blocks, stride)
+    plan = _plan(plan, cu_seqlens, cu_cmp, num_blocks, block, stride)
+    starts = plan.starts
     # Padding rows (start -1, past cu_cmp[-1]) are constants: their gradients are dropped here, and dW
     # reads token 0 for them (in bounds) times a zero gradient.
     real = starts >= 0
@@ -225,9 +228,7 @@ def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: in
     dpe = torch.einsum("hrde,he->hrd", weight.float(), dout.float().sum(0)).to(pe.dtype)
 
     shifts = cdiv(block, stride)
-    row_counts = torch.where(cu_cmp[1:] > cu_cmp[:-1], cu_cmp[1:] - cu_cmp[:-1] + shifts - 1, 0)
-    num_rows = num_blocks + (cu_seqlens.numel() - 1) * (shifts - 1)
-    row_seq, row_index = enumerate_jagged(row_counts, num_rows)
+    row_seq, row_index, num_rows = plan.dx_row_seq, plan.dx_row_index, plan.dx_row_seq.shape[0]
     grid = lambda meta: (cdiv(num_rows, meta["BLOCK_C"]), kv_heads, stride)  # noqa: E731
     _compress_bwd_dx[grid](
         dout, weight, dx, row_seq, row_index, cu_seqlens, cu_cmp, num_rows,

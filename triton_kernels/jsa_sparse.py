@@ -50,8 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, anchor_index, dot_precision, empty, jagged_tiles, max_tiles, next_power_of_2,
-                      tile_bounds)
+from .common import LOG2E, dot_precision, empty, next_power_of_2, tile_bounds
+from .plan import attention_plan, check_tiles
 
 NUM_BRANCHES = 3  # slc, jrn, win = gates channels 1, 2, 3
 
@@ -95,27 +95,17 @@ def launch_geometry(config, head_dim: int, block_m=None, block_n=None, value_dim
                 block_d=next_power_of_2(head_dim), block_dv=next_power_of_2(value_dim), num_warps=num_warps)
 
 
-def _anchor_prefix(anchor_mask: torch.Tensor) -> torch.Tensor:
-    """(T_total+1,) int32: anchors before each token. Its value at a token is the anchor's rank
-    in common.anchor_index's list; the kernels need it per token (the causal cut of a tile's
-    anchors, and where an anchor's jrn gradient lies), not only per sequence."""
-    prefix = torch.zeros(anchor_mask.shape[0] + 1, dtype=torch.int32, device=anchor_mask.device)
-    prefix[1:] = torch.cumsum(anchor_mask.to(torch.int32), 0)
-    return prefix
-
-
-def _inverse_selection(selection, cu_seqlens, config, num_blocks: int):
+def _inverse_selection(selection, cu_seqlens, config, num_blocks: int, tile_seq, tile_start):
     """Which selection tiles chose each (selection block, kv head), as CSR, on the device.
 
-    Blocks are numbered sequence by sequence, as jagged_tiles(cu_seqlens, select_block, .) does.
-    Block b, kv head g: entries offsets[b*Hkv + g] : offsets[b*Hkv + g + 1] of tile_starts,
-    the sequence-local first tokens of the selecting tiles, ascending.
+    Blocks are numbered sequence by sequence, as the plan's key_block map does; (tile_seq,
+    tile_start) is the plan's map of selection tiles. Block b, kv head g: entries
+    offsets[b*Hkv + g] : offsets[b*Hkv + g + 1] of tile_starts, the sequence-local first tokens of
+    the selecting tiles, ascending.
     """
     total, kv_heads, _ = selection.shape
     device = selection.device
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    num_tiles = max_tiles(total, lengths.shape[0], config.select_q_block)
-    tile_seq, tile_start = jagged_tiles(cu_seqlens, config.select_q_block, num_tiles)
     seq = tile_seq.clamp(min=0).long()
     token = (cu_seqlens[seq].long() + tile_start.long()).clamp(max=total - 1)
     picked = selection[token].long()  # (tiles, Hkv, top_n)
@@ -643,42 +633,45 @@ def _sparse_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _launch(q, k, v, gates, selection, anchors, cu_seqlens, config, geometry, out, lse, branches,
+def _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, out, lse, branches,
             dout=None, delta=None, dgates=None, o_cmp=None, cmp=None, compact=None):
-    """One _sparse_kernel launch. Forward: out, lse, branches (or None); o_cmp adds the gated cmp
-    output. Backward (dout given): dq into out, delta, dgates; cmp = (k_cmp, v_cmp, cu_cmp, lse_cmp)
-    with o_cmp adds the cmp branch's dq and gate gradient; compact (a dict: cu_anchor, the anchor and
-    cmp chunk maps anchor_seq/anchor_start and cmp_seq/cmp_start, the outputs dk_anchor, dv_anchor,
-    dk_cmp, dv_cmp, and the program counts anchor_chunks and chunks, both kinds) adds the
-    compact-key programs."""
+    """One _sparse_kernel launch over the plan's query tiles and anchors. Forward: out, lse, branches
+    (or None); o_cmp adds the gated cmp output. Backward (dout given): dq into out, delta, dgates;
+    cmp = (k_cmp, v_cmp, cu_cmp, lse_cmp) with o_cmp adds the cmp branch's dq and gate gradient;
+    compact (a dict of the outputs dk_anchor, dv_anchor, dk_cmp, dv_cmp) adds the compact-key
+    programs over the plan's anchor chunks and, with cmp, its compressed-row chunks."""
     total, heads, dim = q.shape
     kv_heads = k.shape[1]
     backward = dout is not None
-    anchor_list, anchor_prefix = anchors
-    query_tiles = max_tiles(total, cu_seqlens.shape[0] - 1, geometry["block_m"])
-    tile_seq, tile_start = jagged_tiles(cu_seqlens, geometry["block_m"], query_tiles)
+    query_tiles = plan.query_tile_seq.shape[0]
+    tile_seq, tile_start = plan.query_tile_seq, plan.query_tile_start
     # Unused pointers point at real tensors of the right dtype.
     dout_ = dout if backward else q
     dgates_ = dgates if backward else gates
     with_cmp = o_cmp is not None
     k_cmp, v_cmp, cu_cmp, lse_cmp = cmp if cmp is not None else (k, v, cu_seqlens, lse)
     o_cmp = out if o_cmp is None else o_cmp
+    anchor_chunks = cmp_chunks = 0
     if compact is None:
-        compact = dict(cu_anchor=cu_seqlens, anchor_seq=tile_seq, anchor_start=tile_start, dk_anchor=lse,
-                       dv_anchor=lse, cmp_seq=tile_seq, cmp_start=tile_start, dk_cmp=k_cmp, dv_cmp=v_cmp,
-                       anchor_chunks=0, chunks=0)
+        compact = dict(dk_anchor=lse, dv_anchor=lse, dk_cmp=k_cmp, dv_cmp=v_cmp)
+    else:
+        anchor_chunks = plan.anchor_chunk_seq.shape[0]
+        cmp_chunks = plan.cmp_chunk_seq.shape[0] if cmp is not None else 0
+    # Without cmp chunks their map may be empty: the anchor map stands in (never read).
+    cmp_seq, cmp_start = ((plan.cmp_chunk_seq, plan.cmp_chunk_start) if cmp_chunks
+                          else (plan.anchor_chunk_seq, plan.anchor_chunk_start))
     c = compact
     branches_ = out if branches is None else branches
-    _sparse_kernel[(query_tiles * heads + c["chunks"] * kv_heads,)](
-        q, k, v, gates, selection, anchor_list, anchor_prefix, cu_seqlens, tile_seq, tile_start,
+    _sparse_kernel[(query_tiles * heads + (anchor_chunks + cmp_chunks) * kv_heads,)](
+        q, k, v, gates, selection, plan.anchor_list, plan.anchor_prefix, cu_seqlens, tile_seq, tile_start,
         out, lse, branches_, dout_, lse if delta is None else delta, dgates_, o_cmp, k_cmp, v_cmp, cu_cmp,
-        lse_cmp, c["cu_anchor"], c["anchor_seq"], c["anchor_start"], c["dk_anchor"], c["dv_anchor"],
-        c["cmp_seq"], c["cmp_start"], c["dk_cmp"], c["dv_cmp"],
+        lse_cmp, plan.cu_anchor, plan.anchor_chunk_seq, plan.anchor_chunk_start, c["dk_anchor"], c["dv_anchor"],
+        cmp_seq, cmp_start, c["dk_cmp"], c["dv_cmp"],
         *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *selection.stride(),
         *out.stride(), *dout_.stride(), *dgates_.stride(),
         o_cmp.stride(0), o_cmp.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
         lse_cmp.stride(0), lse_cmp.stride(1),
-        total, heads, kv_heads, query_tiles, c["anchor_chunks"], c["chunks"], LOG2E.value / dim ** 0.5,
+        total, heads, kv_heads, query_tiles, anchor_chunks, anchor_chunks + cmp_chunks, LOG2E.value / dim ** 0.5,
         1.0 / dim ** 0.5,
         GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=v.shape[-1], TOP_N=config.top_n,
         SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
@@ -691,11 +684,25 @@ def _launch(q, k, v, gates, selection, anchors, cu_seqlens, config, geometry, ou
     )
 
 
+def _plan(plan, anchor_mask, cu_seqlens, cu_cmp, num_cmp_rows: int, config, geometry):
+    """The batch's plan.AttentionPlan (built here when None), checked against this launch's tiles."""
+    if plan is None:
+        return attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows, geometry["block_m"],
+                              geometry["dkv_block_n"])
+    total, batch = anchor_mask.shape[0], cu_seqlens.shape[0] - 1
+    check_tiles(plan.query_tile_seq, total, batch, geometry["block_m"], "query tile")
+    check_tiles(plan.anchor_chunk_seq, total, batch, geometry["dkv_block_n"], "anchor chunk")
+    if cu_cmp is not None:
+        check_tiles(plan.cmp_chunk_seq, num_cmp_rows, batch, geometry["dkv_block_n"], "compressed-row chunk")
+    return plan
+
+
 def sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens, config,
-                         store_branches: bool = False, block_m=None, block_n=None, o_cmp=None):
+                         store_branches: bool = False, block_m=None, block_n=None, o_cmp=None, plan=None):
     """Gated slc + jrn + win attention -> (out, lse, branches or None); see the module doc.
     With o_cmp (T_total, H, Dv), the cmp branch's output, out is the whole gated sum
-    g_cmp*o_cmp + g_slc*o_slc + g_jrn*o_jrn + g_win*o_win (gate channel 0 for cmp)."""
+    g_cmp*o_cmp + g_slc*o_slc + g_jrn*o_jrn + g_win*o_win (gate channel 0 for cmp).
+    plan: the batch's `plan.AttentionPlan` for this geometry (built here when None)."""
     total, heads, dim = q.shape
     value_dim = v.shape[-1]
     geometry = launch_geometry(config, dim, block_m, block_n, value_dim)
@@ -704,30 +711,30 @@ def sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens, con
     branches = empty((NUM_BRANCHES, total, heads, value_dim), q.dtype, q.device) if store_branches else None
     if total == 0:
         return out, lse, branches
-    anchors = (anchor_index(anchor_mask, cu_seqlens)[0], _anchor_prefix(anchor_mask))
-    _launch(q, k, v, gates, selection, anchors, cu_seqlens, config, geometry, out, lse, branches, o_cmp=o_cmp)
+    plan = _plan(plan, anchor_mask, cu_seqlens, None, 0, config, geometry)
+    _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, out, lse, branches, o_cmp=o_cmp)
     return out, lse, branches
 
 
 def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlens,
-                         config, branches, lse, block_m=None, block_n=None, cmp=None):
+                         config, branches, lse, block_m=None, block_n=None, cmp=None, plan=None):
     """-> (dq, dk, dv, dgates, dk_cmp, dv_cmp); `branches` and `lse` come from the forward.
 
     Without cmp: dgates (T_total, H, 3) = d/d(g_slc, g_jrn, g_win), dk_cmp = dv_cmp = None.
     cmp = (k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp) from jsa_cmp's forward: the cmp branch's backward
     too, gated by gates[..., 0]: dq holds its part, dgates is (T_total, H, 4) in the gates' channel
     order (cmp first), and dk_cmp, dv_cmp are its key gradients (zero past cu_cmp[-1]).
+    plan: the batch's `plan.AttentionPlan` for this geometry (built here when None).
     """
     total, heads, dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
-    batch = cu_seqlens.shape[0] - 1
     geometry = launch_geometry(config, dim, block_m, block_n, value_dim)
     block_n = geometry["dkv_block_n"]  # keys per program of the key-major work
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
     dgates = empty((total, heads, NUM_BRANCHES + (cmp is not None)), gates.dtype, gates.device)
-    dk_cmp = dv_cmp = o_cmp = None
+    dk_cmp = dv_cmp = o_cmp = cu_cmp = None
     if cmp is not None:
         k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp = cmp
         k_cmp, v_cmp, o_cmp, lse_cmp = (t.contiguous() for t in (k_cmp, v_cmp, o_cmp, lse_cmp))
@@ -735,31 +742,24 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
         dk_cmp, dv_cmp = torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
     if total == 0:
         return dq, dk, dv, dgates, dk_cmp, dv_cmp
-    anchor_list, cu_anchor = anchor_index(anchor_mask, cu_seqlens)
-    anchor_prefix = _anchor_prefix(anchor_mask)
+    plan = _plan(plan, anchor_mask, cu_seqlens, cu_cmp, 0 if cmp is None else k_cmp.shape[0], config, geometry)
     delta = empty((NUM_BRANCHES, heads, total), torch.float32, q.device)
     # Compact keys: anchor chunks (the jrn part of dk/dv, fp32, by anchor rank; rows past the anchor
     # count stay unwritten) and compressed-block chunks (dk_cmp, dv_cmp), in the dq walk's launch.
     dk_anchor = empty((total, kv_heads, dim), torch.float32, q.device)
     dv_anchor = empty((total, kv_heads, value_dim), torch.float32, q.device)
-    anchor_chunks = max_tiles(total, batch, block_n)
-    anchor_seq, anchor_start = jagged_tiles(cu_anchor, block_n, anchor_chunks)
-    cmp_chunks = max_tiles(k_cmp.shape[0], batch, block_n) if cmp is not None else 0
-    cmp_seq, cmp_start = jagged_tiles(cu_cmp, block_n, cmp_chunks) if cmp is not None else (anchor_seq, anchor_start)
-    compact = dict(cu_anchor=cu_anchor, anchor_seq=anchor_seq, anchor_start=anchor_start, dk_anchor=dk_anchor,
-                   dv_anchor=dv_anchor, cmp_seq=cmp_seq, cmp_start=cmp_start,
-                   dk_cmp=dk if cmp is None else dk_cmp, dv_cmp=dv if cmp is None else dv_cmp,  # unused: right dtypes
-                   anchor_chunks=anchor_chunks, chunks=anchor_chunks + cmp_chunks)
-    _launch(q, k, v, gates, selection, (anchor_list, anchor_prefix), cu_seqlens, config, geometry, dq, lse,
+    compact = dict(dk_anchor=dk_anchor, dv_anchor=dv_anchor,
+                   dk_cmp=dk if cmp is None else dk_cmp, dv_cmp=dv if cmp is None else dv_cmp)  # unused: right dtypes
+    _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, dq, lse,
             branches, dout=dout, delta=delta, dgates=dgates, o_cmp=o_cmp,
             cmp=None if cmp is None else (k_cmp, v_cmp, cu_cmp, lse_cmp), compact=compact)
 
-    num_blocks = max_tiles(total, batch, config.select_block)
-    block_seq, block_start = jagged_tiles(cu_seqlens, config.select_block, num_blocks)
-    inv_tiles, inv_offsets = _inverse_selection(selection, cu_seqlens, config, num_blocks)
+    num_blocks = plan.key_block_seq.shape[0]
+    inv_tiles, inv_offsets = _inverse_selection(selection, cu_seqlens, config, num_blocks, plan.select_tile_seq,
+                                                plan.select_tile_start)
     chunks = -(-config.select_block // block_n)
     _local_dkdv_kernel[(num_blocks * chunks, kv_heads)](
-        q, k, v, gates, dout, lse, delta, anchor_prefix, cu_seqlens, block_seq, block_start,
+        q, k, v, gates, dout, lse, delta, plan.anchor_prefix, cu_seqlens, plan.key_block_seq, plan.key_block_start,
         inv_tiles, inv_offsets, dk_anchor, dv_anchor, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5,

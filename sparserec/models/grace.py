@@ -173,8 +173,11 @@ class Widened(nn.Module):
         self.attention = attention
         self.down = nn.Linear(inner, d_model, bias=False)
 
-    def forward(self, x, cu_seqlens, anchor_mask=None):
-        return self.down(self.attention(self.up(x), cu_seqlens=cu_seqlens, anchor_mask=anchor_mask))
+    def forward(self, x, cu_seqlens, anchor_mask=None, plan=None):
+        return self.down(self.attention(self.up(x), cu_seqlens=cu_seqlens, anchor_mask=anchor_mask, plan=plan))
+
+    def plan(self, cu_seqlens, anchor_mask, dtype=None):
+        return self.attention.plan(cu_seqlens, anchor_mask, dtype)
 
 
 def encoder_self_attention(config: GRACEConfig) -> nn.Module:
@@ -198,8 +201,9 @@ class EncoderLayer(nn.Module):
         self.ffn = FeedForward(config.d_model, config.d_ff, config.activation, config.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cu_seqlens, anchor_mask):
-        attended = self.self_attention(self.attention_norm(x), cu_seqlens=cu_seqlens, anchor_mask=anchor_mask)
+    def forward(self, x, cu_seqlens, anchor_mask, plan=None):
+        attended = self.self_attention(self.attention_norm(x), cu_seqlens=cu_seqlens, anchor_mask=anchor_mask,
+                                       plan=plan)
         x = x + self.dropout(attended)
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
@@ -347,8 +351,14 @@ class GRACE(nn.Module):
         newest = torch.repeat_interleave(cu_seqlens[1:] - 1, lengths)
         positions = newest - torch.arange(tokens.shape[0], device=tokens.device)
         x = self.dropout(self.embedding(tokens) + self.encoder_positions(positions))
+        # JSA's per-batch plan (tile maps, packed anchors), built once for every encoder layer.
+        plan = None
+        if self.config.attention == "jsa":
+            if anchor_mask is None:
+                anchor_mask = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+            plan = self.encoder_layers[0].self_attention.plan(cu_seqlens, anchor_mask, x.dtype)
         for layer in self.encoder_layers:
-            x = layer(x, cu_seqlens, anchor_mask)
+            x = layer(x, cu_seqlens, anchor_mask, plan)
         return Memory(*pad_packed(self.encoder_norm(x), cu_seqlens))
 
     def new_cache(self, memory: Memory, beams: int = 1) -> DecoderCache:

@@ -80,8 +80,8 @@ def pad_packed(x, cu_seqlens):
 class PackedDenseSelfAttention(nn.Module):
     """Bidirectional dense self-attention with JourneySparseAttention's packed interface.
 
-    The dense ablation of the encoder; `anchor_mask` is accepted and ignored (dense attention sees
-    everything). On CUDA the jagged batch is padded and runs as one masked SDPA launch; on the CPU
+    The dense ablation of the encoder; `anchor_mask` and `plan` are accepted and ignored (dense
+    attention sees everything and keeps no per-batch maps). On CUDA the jagged batch is padded and runs as one masked SDPA launch; on the CPU
     each sequence runs its own unmasked SDPA (the fused CPU kernel), since padding a batch of
     short and long histories to the longest wastes most of the work there.
     """
@@ -91,7 +91,7 @@ class PackedDenseSelfAttention(nn.Module):
         super().__init__()
         self.attention = Attention(d_model, num_heads, num_kv_heads, dropout, head_dim)
 
-    def forward(self, x, cu_seqlens, anchor_mask=None):
+    def forward(self, x, cu_seqlens, anchor_mask=None, plan=None):
         if x.is_cuda:
             padded, valid = pad_packed(x, cu_seqlens)
             keys, values = self.attention.keys_values(padded)

@@ -6,8 +6,7 @@ from torch import nn
 
 from ..config import JSAConfig
 from ..flops import jsa_flops
-from ..ops import jsa_attention, jsa_compress
-from ..reference.jsa import compressed_rows_bound
+from ..ops import jsa_attention, jsa_compress, jsa_plan
 
 COMPRESS_MODES = ("mlp", "linear")
 
@@ -18,28 +17,33 @@ def cu_seqlens_of(valid):
 
 
 def compressed_jsa(q, k, v, gates, anchor_mask, cu_seqlens, k_compress, v_compress, config: JSAConfig,
-                   backend: str = "auto"):
+                   backend: str = "auto", plan=None):
     """JSA over packed tokens whose compressed keys and values come from the learned compressors
     `k_compress`, `v_compress` (MLPCompressor or LinearCompressor) -> (T_total, H, Dv).
 
-    The compressed tensors are sized by a static bound (T_total // stride rows, the tail zero-padded),
-    so nothing on this path reads device data: no host sync on a GPU, no graph break under torch.compile.
-    When K and V have one width, their linear compressions run as one `jsa_compress` call over their kv
-    heads side by side (one kernel launch, one backward, instead of two of each).
+    plan: the batch's `sparserec.ops.jsa_plan` for these widths, built once and shared by every
+    layer; without one this call builds its own (shared by its compressions, attention and their
+    backward). The compressed tensors are sized by the plan's static bound (T_total // stride rows,
+    the tail zero-padded), so nothing on this path reads device data: no host sync on a GPU, no graph
+    break under torch.compile. When K and V have one width, their linear compressions run as one
+    `jsa_compress` call over their kv heads side by side (one kernel launch, one backward, instead
+    of two of each).
     """
-    rows = compressed_rows_bound(q.shape[0], config.stride)
+    if plan is None:
+        plan = jsa_plan(cu_seqlens, anchor_mask, config, q.shape[-1], v.shape[-1], dtype=q.dtype, backend=backend)
     (k_weight, k_pe), (v_weight, v_pe) = k_compress.linear_part(), v_compress.linear_part()
     if k.shape[-1] == v.shape[-1]:
         hidden, cu_cmp = jsa_compress(torch.cat([k, v], 1), torch.cat([k_weight, v_weight]), torch.cat([k_pe, v_pe]),
-                                      cu_seqlens, config.block, config.stride, backend=backend, num_blocks=rows)
+                                      cu_seqlens, config.block, config.stride, backend=backend, plan=plan)
         k_hidden, v_hidden = hidden.split([k.shape[1], v.shape[1]], dim=1)
     else:
         k_hidden, cu_cmp = jsa_compress(k, k_weight, k_pe, cu_seqlens, config.block, config.stride, backend=backend,
-                                        num_blocks=rows)
+                                        plan=plan)
         v_hidden, _ = jsa_compress(v, v_weight, v_pe, cu_seqlens, config.block, config.stride, backend=backend,
-                                   num_blocks=rows)
+                                   plan=plan)
     k_cmp, v_cmp = k_compress.finish(k_hidden), v_compress.finish(v_hidden)
-    return jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config=config, backend=backend)
+    return jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config=config, backend=backend,
+                         plan=plan)
 
 
 class MLPCompressor(nn.Module):
@@ -103,6 +107,8 @@ class JourneySparseAttention(nn.Module):
     Padded input: forward(x (B, T, E), key_padding_mask=(B, T) bool, True = padding, as in
     nn.MultiheadAttention; anchor_mask=(B, T) bool). Padding tokens are dropped before attention
     (positions count real tokens only) and come back as zeros. No anchors when anchor_mask is None.
+    plan: `self.plan(cu_seqlens, anchor_mask)`, built once per batch and passed to every layer of
+    the same config and widths (packed input; optional: each call builds its own otherwise).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads=None, config: JSAConfig = JSAConfig(),
@@ -130,10 +136,19 @@ class JourneySparseAttention(nn.Module):
         self.k_compress = compressor(num_kv_heads, config.block, self.head_dim)
         self.v_compress = compressor(num_kv_heads, config.block, self.head_dim)
 
-    def forward(self, x, cu_seqlens=None, anchor_mask=None, key_padding_mask=None):
+    def plan(self, cu_seqlens, anchor_mask, dtype=None):
+        """The batch plan (`sparserec.ops.jsa_plan`) of packed input (cu_seqlens, anchor_mask (T_total,)
+        bool: all False for no anchors) for this module's config, widths and backend, with activations
+        of `dtype` (default: the weights'): pass it to every such layer's forward."""
+        return jsa_plan(cu_seqlens, anchor_mask, self.config, self.head_dim, dtype=dtype or self.q_proj.weight.dtype,
+                        backend=self.backend)
+
+    def forward(self, x, cu_seqlens=None, anchor_mask=None, key_padding_mask=None, plan=None):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 3:
+            if plan is not None:
+                raise ValueError("plan applies to packed (T_total, E) input only")
             return self._forward_padded(x, key_padding_mask, anchor_mask)
         if x.dim() != 2 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (T_total, {self.embed_dim}) packed or (B, T, {self.embed_dim}) padded, "
@@ -144,9 +159,9 @@ class JourneySparseAttention(nn.Module):
             raise TypeError(f"cu_seqlens must be a torch.Tensor of B+1 offsets, got {type(cu_seqlens).__name__}")
         if key_padding_mask is not None:
             raise ValueError("key_padding_mask applies to padded (B, T, E) input only")
-        return self._forward_packed(x, cu_seqlens, anchor_mask)
+        return self._forward_packed(x, cu_seqlens, anchor_mask, plan)
 
-    def _forward_packed(self, x, cu_seqlens, anchor_mask):
+    def _forward_packed(self, x, cu_seqlens, anchor_mask, plan=None):
         total = x.shape[0]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).view(total, heads, dim)
@@ -156,7 +171,7 @@ class JourneySparseAttention(nn.Module):
         if anchor_mask is None:
             anchor_mask = torch.zeros(total, dtype=torch.bool, device=x.device)
         out = compressed_jsa(q, k, v, gates, anchor_mask, cu_seqlens, self.k_compress, self.v_compress, self.config,
-                             self.backend)
+                             self.backend, plan)
         return self.out_proj(out.reshape(total, heads * dim))
 
     def _forward_padded(self, x, key_padding_mask, anchor_mask):

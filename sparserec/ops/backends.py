@@ -23,6 +23,14 @@ def _device_only(kind):
     return unsupported
 
 
+def _ignoring_plan(function):
+    """For backends that keep no per-batch maps: ops.jsa_compress has already sized num_blocks
+    from the plan, and the attention takes cu_cmp as an argument."""
+    def call(*args, plan=None, **kwargs):
+        return function(*args, **kwargs)
+    return call
+
+
 def _compiled_select_attention(*args, config, **kwargs):
     from .select import jsa_select
 
@@ -45,14 +53,15 @@ def _fused_cpu(entry):
     return call
 
 
-register_backend(Backend("reference", _always, _any_device, reference.jsa_attention, reference.jsa_compress))
+register_backend(Backend("reference", _always, _any_device, _ignoring_plan(reference.jsa_attention),
+                         _ignoring_plan(reference.jsa_compress)))
 register_backend(Backend(
     "cpp", lambda: None if has_extension() else EXTENSION_ERROR, _fused_cpu_unsupported,
-    _fused_cpu("attention"), _fused_cpu("compress")))
+    _ignoring_plan(_fused_cpu("attention")), _fused_cpu("compress")))
 register_backend(Backend(
     "cuda",
     lambda: None if has_cuda_kernels() else (EXTENSION_ERROR or "sparserec._C was built without CUDA"),
-    _device_only("cuda"), _compiled_select_attention, reference.jsa_compress))
+    _device_only("cuda"), _ignoring_plan(_compiled_select_attention), _ignoring_plan(reference.jsa_compress)))
 
 
 def _triton_unavailable():
@@ -83,4 +92,5 @@ def _triton(entry):
     return call
 
 
-register_backend(Backend("triton", _triton_unavailable, _triton_unsupported, _triton("attention"), _triton("compress")))
+register_backend(Backend("triton", _triton_unavailable, _triton_unsupported, _triton("attention"), _triton("compress"),
+                         _triton("plan")))

@@ -16,13 +16,20 @@ import torch
 Check = Callable[..., Optional[str]]
 
 
+def _no_maps(*batch):
+    return (), ()
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
     unavailable: Callable[[], Optional[str]]
     unsupported: Check  # (device, dtype) -> reason or None
-    attention: Callable
-    compress: Callable
+    attention: Callable  # (q, ..., cu_cmp, config=, plan=) -> out
+    compress: Callable   # (x, weight, pe, cu_seqlens, block, stride, num_blocks, plan=) -> (x_cmp, cu_cmp)
+    # (cu_seqlens, cu_cmp, anchor_mask, config, head_dim, value_dim, num_cmp_rows) -> the backend's
+    # own per-batch index maps (compress, attention) for a JSAPlan; none by default
+    plan: Callable = _no_maps
 
 
 _REGISTRY: dict = {}

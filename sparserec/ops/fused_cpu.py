@@ -16,9 +16,9 @@ def _config_args(config: JSAConfig):
             config.causal)
 
 
-def compress(x, weight, pe, cu_seqlens, block: int, stride: int, num_blocks=None):
+def compress(x, weight, pe, cu_seqlens, block: int, stride: int, num_blocks=None, plan=None):
     """Kc_i = sum_r (x[i*stride + r] + pe_r) @ W_r -> (Tc_total, Hkv, D), cu_cmp (see ops.jsa_compress)."""
-    return compress_with(torch.ops.sparserec.jsa_compress, x, weight, pe, cu_seqlens, block, stride, num_blocks)
+    return compress_with(torch.ops.sparserec.jsa_compress, x, weight, pe, cu_seqlens, block, stride, num_blocks, plan)
 
 
 def attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config: JSAConfig,

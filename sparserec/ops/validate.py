@@ -144,3 +144,39 @@ def check_jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, c
         if not (low >= 0 and high <= 1):
             raise ValueError(f"gates must lie in [0, 1] (got min {low.item():.4g}, max {high.item():.4g}); "
                              "apply a sigmoid first")
+
+
+def check_jsa_plan(cu_seqlens, anchor_mask, config, head_dim, value_dim):
+    from ..config import JSAConfig
+
+    if not isinstance(config, JSAConfig):
+        raise TypeError(f"config must be a sparserec.JSAConfig, got {type(config).__name__}")
+    for name, value in (("head_dim", head_dim), ("value_dim", value_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_tensor("anchor_mask", anchor_mask, ndim=1, dtypes=(torch.bool,))
+    check_same_device(cu_seqlens=cu_seqlens, anchor_mask=anchor_mask)
+    check_cu_seqlens(cu_seqlens, anchor_mask.shape[0], items="entries of anchor_mask")
+
+
+def check_plan_fits(plan, backend: str, config, total: int, head_dim: int, value_dim: int, cu_seqlens,
+                    num_cmp_rows=None, anchor_mask=None):
+    """A plan serves only the batch (cu_seqlens and, given, anchor_mask: compared by value where
+    values may be read), config, head dims and backend it was built for."""
+    from .jsa import JSAPlan
+
+    if not isinstance(plan, JSAPlan):
+        raise TypeError(f"plan must be a sparserec.ops.JSAPlan from jsa_plan(), got {type(plan).__name__}")
+    built = dict(backend=plan.backend, config=plan.config, tokens=plan.num_tokens, sequences=plan.cu_cmp.numel() - 1,
+                 head_dim=plan.head_dim, value_dim=plan.value_dim, compressed_rows=plan.num_cmp_rows)
+    given = dict(backend=backend, config=config, tokens=total, sequences=cu_seqlens.numel() - 1, head_dim=head_dim,
+                 value_dim=value_dim, compressed_rows=plan.num_cmp_rows if num_cmp_rows is None else num_cmp_rows)
+    wrong = [f"{key} {built[key]!r} (this call: {given[key]!r})" for key in built if built[key] != given[key]]
+    if wrong:
+        raise ValueError("the plan was built for another call: " + ", ".join(wrong))
+    if not _reads_values_allowed(cu_seqlens, plan.cu_seqlens):
+        return
+    if not torch.equal(cu_seqlens.long(), plan.cu_seqlens.long()):
+        raise ValueError("cu_seqlens differs from the plan's: the plan was built for another batch")
+    if anchor_mask is not None and not torch.equal(anchor_mask, plan.anchor_mask):
+        raise ValueError("anchor_mask differs from the plan's: the plan was built for other anchors")
