@@ -13,6 +13,10 @@ The dx kernel walks "stride rows": row m of a sequence is its tokens [m*stride, 
 program axis 2 picks the offset rho within the row, so every dot uses one W[h, rho + j*stride] for
 all rows of the tile (j = 0 .. ceil(block/stride) - 1, block m - j). Tokens no full block covers
 get zero gradient.
+
+The three kernels are autotuned per head dim, block (and stride), and power-of-two bucket of the
+compressed row count (`rows_bucket`): the best tile follows the grid's size, and a bucket retunes
+once per size class instead of once per batch length.
 """
 import torch
 import triton
@@ -52,12 +56,18 @@ def _fits_hopper(configs, named_args, **kwargs):
     return fits or [min(configs, key=lambda c: (c.kwargs["BLOCK_C"], -c.num_warps))]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK"],
+def _rows_bucket(n: int) -> int:
+    """The autotune key's size: the next power of two of the compressed row count. The best tile
+    follows the grid's size, but retuning for every batch length would benchmark on every call."""
+    return next_power_of_2(max(n, 1))
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "rows_bucket"],
                  prune_configs_by={"early_config_prune": _fits_hopper})
 @triton.jit
 def _compress_fwd(
     x_ptr, w_ptr, pe_ptr, out_ptr, start_ptr, num_blocks,
-    stride_xt, stride_xh, stride_wh, stride_wr, stride_wd, stride_ph, stride_pr, stride_ot, stride_oh,
+    stride_xt, stride_xh, stride_wh, stride_wr, stride_wd, stride_ph, stride_pr, stride_ot, stride_oh, rows_bucket,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -82,13 +92,13 @@ def _compress_fwd(
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK"],
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "rows_bucket"],
                  prune_configs_by={"early_config_prune": _fits_hopper})
 @triton.jit
 def _compress_bwd_dw(
     x_ptr, pe_ptr, dout_ptr, dw_ptr, start_ptr, num_blocks, blocks_per_split,
     stride_xt, stride_xh, stride_ph, stride_pr, stride_gt, stride_gh,
-    stride_ws, stride_wh, stride_wr, stride_wd,
+    stride_ws, stride_wh, stride_wr, stride_wd, rows_bucket,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -114,12 +124,12 @@ def _compress_bwd_dw(
              acc, mask=dim_ok[:, None] & dim_ok[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "STRIDE"],
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "STRIDE", "rows_bucket"],
                  prune_configs_by={"early_config_prune": _fits_hopper})
 @triton.jit
 def _compress_bwd_dx(
     dout_ptr, w_ptr, dx_ptr, row_seq_ptr, row_index_ptr, cu_seqlens_ptr, cu_cmp_ptr, num_rows,
-    stride_gt, stride_gh, stride_wh, stride_wr, stride_wd, stride_xt, stride_xh,
+    stride_gt, stride_gh, stride_wh, stride_wr, stride_wd, stride_xt, stride_xh, rows_bucket,
     BLOCK: tl.constexpr, STRIDE: tl.constexpr, NUM_SHIFTS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -169,7 +179,7 @@ def compress_fwd(x, weight, pe, cu_seqlens, cu_cmp, num_blocks: int, block: int,
     _compress_fwd[grid](
         x, weight, pe, out, starts, num_blocks,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
-        pe.stride(0), pe.stride(1), out.stride(0), out.stride(1),
+        pe.stride(0), pe.stride(1), out.stride(0), out.stride(1), _rows_bucket(num_blocks),
         BLOCK=block, HEAD_DIM=dim, BLOCK_D=max(16, next_power_of_2(dim)), PRECISION=dot_precision(x.dtype),
     )
     return out
@@ -221,7 +231,7 @@ def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: in
     _compress_bwd_dw[(block, kv_heads, splits)](
         x, pe, dout, dw, starts, num_blocks, per_split,
         x.stride(0), x.stride(1), pe.stride(0), pe.stride(1), dout.stride(0), dout.stride(1),
-        dw.stride(0), dw.stride(1), dw.stride(2), dw.stride(3),
+        dw.stride(0), dw.stride(1), dw.stride(2), dw.stride(3), _rows_bucket(num_blocks),
         HEAD_DIM=dim, BLOCK=block, BLOCK_D=block_d, PRECISION=precision,
     )
     dweight = dw.sum(0).to(weight.dtype)
@@ -233,7 +243,7 @@ def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: in
     _compress_bwd_dx[grid](
         dout, weight, dx, row_seq, row_index, cu_seqlens, cu_cmp, num_rows,
         dout.stride(0), dout.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
-        dx.stride(0), dx.stride(1),
+        dx.stride(0), dx.stride(1), _rows_bucket(num_blocks),
         BLOCK=block, STRIDE=stride, NUM_SHIFTS=shifts, HEAD_DIM=dim, BLOCK_D=block_d, PRECISION=precision,
     )
     return dx, dweight, dpe
