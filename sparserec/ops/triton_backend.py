@@ -61,12 +61,16 @@ def _config(block, stride, select_block, top_n, select_q_block, window, causal) 
 
 
 def plan(cu_seqlens, cu_cmp, anchor_mask, config: JSAConfig, head_dim: int, value_dim: int, num_cmp_rows: int):
-    """The batch's maps for `sparserec.ops.jsa_plan`: (CompressPlan, AttentionPlan) at the tile
-    sizes the kernels pick for these widths."""
-    geometry = jsa_sparse.launch_geometry(config, head_dim, value_dim=value_dim)
+    """The batch's maps for `sparserec.ops.jsa_plan`: (CompressPlan, AttentionPlan)."""
     return (compress_plan(cu_seqlens, cu_cmp, num_cmp_rows, config.block, config.stride),
-            attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows, geometry["block_m"],
-                           geometry["dkv_block_n"]))
+            _new_attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, head_dim, value_dim, num_cmp_rows))
+
+
+def _new_attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, head_dim: int, value_dim: int, num_cmp_rows: int):
+    """The AttentionPlan at the tile sizes the kernels pick for these widths."""
+    geometry = jsa_sparse.launch_geometry(config, head_dim, value_dim=value_dim)
+    return attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows, geometry["block_m"],
+                          geometry["dkv_block_n"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,9 +138,7 @@ def _attention_maps(plan, q, v, anchor_mask, cu_seqlens, cu_cmp, num_cmp_rows: i
     """The op's AttentionPlan: the one passed in, or this call's own."""
     if plan:
         return AttentionPlan(*plan)
-    geometry = jsa_sparse.launch_geometry(config, q.shape[-1], value_dim=v.shape[-1])
-    return attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows, geometry["block_m"],
-                          geometry["dkv_block_n"])
+    return _new_attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, q.shape[-1], v.shape[-1], num_cmp_rows)
 
 
 @triton_jsa_attention.register_fake
