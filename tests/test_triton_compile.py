@@ -26,6 +26,22 @@ def test_every_kernel_builds_for_sm90_without_spills(tmp_path):
     assert "8 distinct sm_90a builds, 8 ok" in lines[-1], lines[-1]
 
 
+def test_autotune_keys_hold_a_size_class_and_never_a_tile_of_the_plan():
+    """Issue 14: every autotuned kernel retunes per power-of-two size class (not per batch length:
+    autotuning benchmarks every config); the attention kernels' candidates change only warps and
+    stages, since the batch plan's tile maps and the FLOP count follow their tile sizes."""
+    from sparserec.triton_kernels import common, jsa_cmp, jsa_compress, jsa_sparse
+
+    sizes = {jsa_compress._compress_fwd: "rows_bucket", jsa_compress._compress_bwd_dw: "rows_bucket",
+             jsa_compress._compress_bwd_dx: "rows_bucket", jsa_cmp._cmp_fwd_select: "tokens_bucket",
+             jsa_sparse._sparse_kernel: "tokens_bucket", jsa_sparse._local_dkdv_kernel: "tokens_bucket"}
+    for kernel, size in sizes.items():
+        assert size in kernel.keys, (kernel.fn.__name__, kernel.keys)
+    for kernel in (jsa_cmp._cmp_fwd_select, jsa_sparse._sparse_kernel, jsa_sparse._local_dkdv_kernel):
+        assert all(config.kwargs == {} for config in kernel.configs), kernel.fn.__name__
+    assert common.size_bucket(513) == common.size_bucket(1024) == 1024 != common.size_bucket(1025)
+
+
 def test_ptxas_log_parsing():
     from compile_triton import parse_ptxas_log
 

@@ -127,12 +127,3 @@ def test_compress_real_size_gpu(dtype):
     for name, got, same, exact in zip(("dx", "dweight", "dpe"), grads, ref_grads_low, ref_grads64):
         assert_close_to_reference(got, same, exact, atol=ATOL[dtype], name=name)
 
-
-def test_autotune_keys_bucket_the_size():
-    """Issue 14: the compression kernels retune per power-of-two bucket of compressed rows, not per
-    batch length (autotuning benchmarks every config)."""
-    from sparserec.triton_kernels import jsa_compress
-
-    for kernel in (jsa_compress._compress_fwd, jsa_compress._compress_bwd_dw, jsa_compress._compress_bwd_dx):
-        assert "rows_bucket" in kernel.keys, kernel.keys
-    assert jsa_compress._rows_bucket(513) == jsa_compress._rows_bucket(1024) == 1024 != jsa_compress._rows_bucket(1025)

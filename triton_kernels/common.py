@@ -19,6 +19,10 @@ launch stays capturable in a CUDA graph and traceable by torch.compile):
                                       (sequence-local); tile_seq == -1 marks a spare program
   dot_precision(dtype)                "ieee" for fp32/fp64 (tl.dot would round fp32 to tf32), else "tf32"
   launch_configs(configs)             an autotune list; only its first entry under the interpreter
+  pipeline_configs(), prune_narrow_warps
+                                      autotune candidates of warps and pipeline depth only (tile
+                                      sizes stay fixed: the batch plan and the FLOP count follow them)
+  size_bucket(n)                      the next power of two: an autotune key's size class
   chosen_config(kernel)               an autotuned kernel's config as last chosen (before any launch:
                                       its first candidate); launch_geometry functions report it
   POISON_ALLOCATIONS, empty(shape, dtype, device)
@@ -116,6 +120,26 @@ def dot_precision(dtype: torch.dtype) -> str:
 def launch_configs(configs):
     """Autotune candidates; the interpreter would run each one, so it gets the first only."""
     return configs[:1] if interpreting() else configs
+
+
+def pipeline_configs():
+    """Candidates that change only warps and pipeline stages, never a tile size: the batch plan's
+    tile maps and sparserec.flops follow the tiles, so those stay fixed per head dim. (4 warps with
+    3 stages spilled in the backward kernels at head dim 64.)"""
+    return launch_configs([triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (8, 3))])
+
+
+def prune_narrow_warps(configs, named_args, **kwargs):
+    """Head dims above 64 keep 8 warps: with 4, the fp32 accumulators plus the q/do and k/v tiles
+    need more than 255 registers a thread and ptxas spills (tools/compile_triton.py)."""
+    wide = max(kwargs.get("BLOCK_D", 0), kwargs.get("BLOCK_DV", 0)) > 64
+    return [c for c in configs if not wide or c.num_warps == 8] or configs[:1]
+
+
+def size_bucket(n: int) -> int:
+    """An autotune key's size class, the next power of two of n: the best config follows the
+    grid's size, but keying on n itself would retune (benchmark every config) for every batch."""
+    return next_power_of_2(max(n, 1))
 
 
 def chosen_config(kernel) -> triton.Config:

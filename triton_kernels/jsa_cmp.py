@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, cdiv, dot_precision, empty, jagged_tiles, max_tiles, next_power_of_2, tile_bounds
+from .common import (LOG2E, cdiv, dot_precision, empty, jagged_tiles, max_tiles, next_power_of_2, pipeline_configs,
+                     prune_narrow_warps, size_bucket, tile_bounds)
 from .plan import check_tiles, token_tiles
 
 @triton.jit
@@ -95,11 +96,13 @@ def _cmp_attend_rows(
     tl.store(lse_ptr + tokens * stride_lt + head * stride_lh, lse, mask=row_ok)
 
 
+@triton.autotune(configs=pipeline_configs(), key=["HEAD_DIM", "VALUE_DIM", "GROUP", "CAUSAL", "ATTEND", "tokens_bucket"],
+                 prune_configs_by={"early_config_prune": prune_narrow_warps})
 @triton.jit
 def _cmp_fwd_select(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, sel_ptr, tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr,
     qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_lt, stride_lh, stride_st, stride_sh,
+    stride_lt, stride_lh, stride_st, stride_sh, tokens_bucket,
     GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
     SELECT_Q_BLOCK: tl.constexpr, TOP_N: tl.constexpr, TOP_N_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     ATTEND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VALUE_DIM: tl.constexpr,
@@ -243,11 +246,10 @@ def _fwd_select(q, k_cmp, v_cmp, out, lse, cu_seqlens, cu_cmp, config, attend: b
         q, k_cmp, v_cmp, out, lse, per_tile, tile_seq, tile_start, cu_seqlens, cu_cmp, LOG2E.value / math.sqrt(dim),
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), per_tile.stride(0), per_tile.stride(1),
-        SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=tile, TOP_N=config.top_n,
+        size_bucket(total), SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=tile, TOP_N=config.top_n,
         TOP_N_PAD=max(2, next_power_of_2(config.top_n)), ATTEND=attend,
         BLOCK_M=geometry["select_block_m"], BLOCK_N=geometry["select_block_n"], BLOCK_J=geometry["select_block_j"],
-        # Head dim 128 with 4 warps used all 255 registers a thread (no spill, but no headroom).
-        num_warps=4 if max(dim, v_cmp.shape[-1]) <= 64 else 8, **_meta(q, k_cmp, config, v_cmp),
+        **_meta(q, k_cmp, config, v_cmp),
     )
     return per_tile[token_tile]
 

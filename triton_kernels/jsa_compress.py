@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import HOPPER_SHARED_MEMORY, cdiv, chosen_config, dot_precision, empty, launch_configs, next_power_of_2
+from .common import (HOPPER_SHARED_MEMORY, cdiv, chosen_config, dot_precision, empty, launch_configs, next_power_of_2,
+                     size_bucket)
 from .plan import compress_plan
 
 
@@ -54,12 +55,6 @@ def _fits_hopper(configs, named_args, **kwargs):
             if c.num_stages * (c.kwargs["BLOCK_C"] + block_d) * block_d * element <= HOPPER_SHARED_MEMORY
             and (element < 4 or block_d * block_d <= 64 * 32 * c.num_warps)]
     return fits or [min(configs, key=lambda c: (c.kwargs["BLOCK_C"], -c.num_warps))]
-
-
-def _rows_bucket(n: int) -> int:
-    """The autotune key's size: the next power of two of the compressed row count. The best tile
-    follows the grid's size, but retuning for every batch length would benchmark on every call."""
-    return next_power_of_2(max(n, 1))
 
 
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "rows_bucket"],
@@ -179,7 +174,7 @@ def compress_fwd(x, weight, pe, cu_seqlens, cu_cmp, num_blocks: int, block: int,
     _compress_fwd[grid](
         x, weight, pe, out, starts, num_blocks,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
-        pe.stride(0), pe.stride(1), out.stride(0), out.stride(1), _rows_bucket(num_blocks),
+        pe.stride(0), pe.stride(1), out.stride(0), out.stride(1), size_bucket(num_blocks),
         BLOCK=block, HEAD_DIM=dim, BLOCK_D=max(16, next_power_of_2(dim)), PRECISION=dot_precision(x.dtype),
     )
     return out
@@ -231,7 +226,7 @@ def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: in
     _compress_bwd_dw[(block, kv_heads, splits)](
         x, pe, dout, dw, starts, num_blocks, per_split,
         x.stride(0), x.stride(1), pe.stride(0), pe.stride(1), dout.stride(0), dout.stride(1),
-        dw.stride(0), dw.stride(1), dw.stride(2), dw.stride(3), _rows_bucket(num_blocks),
+        dw.stride(0), dw.stride(1), dw.stride(2), dw.stride(3), size_bucket(num_blocks),
         HEAD_DIM=dim, BLOCK=block, BLOCK_D=block_d, PRECISION=precision,
     )
     dweight = dw.sum(0).to(weight.dtype)
@@ -243,7 +238,7 @@ def compress_bwd(dout, x, weight, pe, cu_seqlens, cu_cmp, block: int, stride: in
     _compress_bwd_dx[grid](
         dout, weight, dx, row_seq, row_index, cu_seqlens, cu_cmp, num_rows,
         dout.stride(0), dout.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
-        dx.stride(0), dx.stride(1), _rows_bucket(num_blocks),
+        dx.stride(0), dx.stride(1), size_bucket(num_blocks),
         BLOCK=block, STRIDE=stride, NUM_SHIFTS=shifts, HEAD_DIM=dim, BLOCK_D=block_d, PRECISION=precision,
     )
     return dx, dweight, dpe

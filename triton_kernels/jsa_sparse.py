@@ -50,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, empty, next_power_of_2, tile_bounds
+from .common import (LOG2E, dot_precision, empty, next_power_of_2, pipeline_configs, prune_narrow_warps,
+                     size_bucket, tile_bounds)
 from .plan import attention_plan, check_tiles
 
 NUM_BRANCHES = 3  # slc, jrn, win = gates channels 1, 2, 3
@@ -65,7 +66,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 
 def launch_geometry(config, head_dim: int, block_m=None, block_n=None, value_dim=None) -> dict:
-    """Tile sizes and warps of this module's launches for a JSA config: block_m query rows per
+    """Tile sizes of this module's launches for a JSA config: block_m query rows per
     program and block_n keys per chunk of the query-major walk; dkv_block_n keys per program and
     dkv_block_m query rows per step of the key-major (dk, dv) programs over selection blocks,
     compact_block_m those of the compact-key programs; block_d, block_dv padded
@@ -73,15 +74,13 @@ def launch_geometry(config, head_dim: int, block_m=None, block_n=None, value_dim
     from them.
 
     Query tiles divide select_q_block when they can, so a tile reads one selection; key chunks
-    divide select_block when they can, so a chunk lies in one selection block.
+    divide select_block when they can, so a chunk lies in one selection block. Warps and pipeline
+    stages are autotuned (common.pipeline_configs, per size class of the token count).
     """
     value_dim = value_dim or head_dim
     width = max(head_dim, value_dim)  # register pressure follows the wider of the two
     block_m = block_m or _pow2_divisor(config.select_q_block, 64)
     block_n = block_n or _pow2_divisor(config.select_block, 64 if width <= 64 else 32)
-    # Head dim > 64: with 4 warps the fp32 accumulators plus the q/do and k/v tiles need more
-    # than 255 registers a thread and ptxas spills (tools/compile_triton.py); 8 warps halve that.
-    num_warps = 4 if width <= 64 else 8
     # The key-major kernels also hold fp32 dk, dv: 64-key chunks spilled at head dim 64 (4 and 8
     # warps), 64-row query steps at head dim 128 (8 warps).
     dkv_block_n = block_n if width <= 32 else min(block_n, 32)
@@ -92,7 +91,7 @@ def launch_geometry(config, head_dim: int, block_m=None, block_n=None, value_dim
     compact_block_m = max(16, dkv_block_m // 2)
     return dict(block_m=block_m, block_n=block_n, dkv_block_m=dkv_block_m, dkv_block_n=dkv_block_n,
                 compact_block_m=compact_block_m,
-                block_d=next_power_of_2(head_dim), block_dv=next_power_of_2(value_dim), num_warps=num_warps)
+                block_d=next_power_of_2(head_dim), block_dv=next_power_of_2(value_dim))
 
 
 def _inverse_selection(selection, cu_seqlens, config, num_blocks: int, tile_seq, tile_start):
@@ -484,6 +483,8 @@ def _compact_chunk(
                  mask=col_ok[:, None] & dv_ok[None, :])
 
 
+@triton.autotune(configs=pipeline_configs(), key=["HEAD_DIM", "VALUE_DIM", "GROUP", "CAUSAL", "tokens_bucket"],
+                 prune_configs_by={"early_config_prune": prune_narrow_warps})
 @triton.jit
 def _local_dkdv_kernel(
     Q, K, V, G, DO, Lse, Delta, AnchorPrefix, CuSeqlens, BlockSeq, BlockStart,
@@ -492,7 +493,7 @@ def _local_dkdv_kernel(
     stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
     stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkh, stride_dkd,
     stride_dvt, stride_dvh, stride_dvd,
-    total_tokens, num_heads, num_kv_heads, qk_scale, sm_scale,
+    total_tokens, num_heads, num_kv_heads, qk_scale, sm_scale, tokens_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SELECT_BLOCK: tl.constexpr,
     SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
     CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -577,6 +578,9 @@ def _local_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
 
 
+@triton.autotune(configs=pipeline_configs(),
+                 key=["HEAD_DIM", "VALUE_DIM", "GROUP", "CAUSAL", "BACKWARD", "WITH_CMP", "tokens_bucket"],
+                 prune_configs_by={"early_config_prune": prune_narrow_warps})
 @triton.jit
 def _sparse_kernel(
     Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens, TileSeq, TileStart,
@@ -588,7 +592,7 @@ def _sparse_kernel(
     stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc,
     stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
     total_tokens, num_heads, num_kv_heads, query_tiles, anchor_chunks, compact_chunks, qk_scale, sm_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, TOP_N: tl.constexpr,
+    tokens_bucket, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, TOP_N: tl.constexpr,
     SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
     CAUSAL: tl.constexpr, BACKWARD: tl.constexpr, STORE_BRANCHES: tl.constexpr,
     WITH_CMP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
@@ -672,7 +676,7 @@ def _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, out, 
         o_cmp.stride(0), o_cmp.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
         lse_cmp.stride(0), lse_cmp.stride(1),
         total, heads, kv_heads, query_tiles, anchor_chunks, anchor_chunks + cmp_chunks, LOG2E.value / dim ** 0.5,
-        1.0 / dim ** 0.5,
+        1.0 / dim ** 0.5, size_bucket(total),
         GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=v.shape[-1], TOP_N=config.top_n,
         SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
         WINDOW=config.window, CAUSAL=config.causal, BACKWARD=backward,
@@ -680,7 +684,6 @@ def _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, out, 
         CMP_STRIDE=config.stride, BLOCK_M=geometry["block_m"], BLOCK_N=geometry["block_n"],
         BLOCK_D=geometry["block_d"], BLOCK_DV=geometry["block_dv"], DKV_BLOCK_M=geometry["compact_block_m"],
         DKV_BLOCK_N=geometry["dkv_block_n"], PRECISION=dot_precision(q.dtype),
-        num_warps=geometry["num_warps"], num_stages=2,
     )
 
 
@@ -762,10 +765,9 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
         q, k, v, gates, dout, lse, delta, plan.anchor_prefix, cu_seqlens, plan.key_block_seq, plan.key_block_start,
         inv_tiles, inv_offsets, dk_anchor, dv_anchor, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5,
+        total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5, size_bucket(total),
         GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=value_dim, SELECT_BLOCK=config.select_block,
         SELECT_Q_BLOCK=config.select_q_block, WINDOW=config.window, CAUSAL=config.causal, CHUNKS=chunks,
         BLOCK_M=geometry["dkv_block_m"], BLOCK_N=block_n, BLOCK_D=geometry["block_d"],
-        BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype),
-        num_warps=geometry["num_warps"], num_stages=2)
+        BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype))
     return dq, dk, dv, dgates, dk_cmp, dv_cmp
