@@ -59,11 +59,8 @@ def jsa_compress(x, weight, pe, cu_seqlens, block: int, stride: int, backend: st
     validate.check_jsa_compress(x, weight, pe, cu_seqlens, block, stride, num_blocks)
     chosen = resolve(backend, x.device, x.dtype)
     if plan is not None:
-        validate.check_plan_fits(plan, chosen.name, plan.config, x.shape[0], plan.head_dim, plan.value_dim,
-                                 cu_seqlens, num_blocks)
-        if (block, stride) != (plan.config.block, plan.config.stride):
-            raise ValueError(f"the plan was built for block={plan.config.block}, stride={plan.config.stride}, "
-                             f"this call has block={block}, stride={stride}")
+        validate.check_plan_fits(plan, cu_seqlens, backend=chosen.name, tokens=x.shape[0], block=block, stride=stride,
+                                 compressed_rows=num_blocks)
         num_blocks = plan.num_cmp_rows
     return chosen.compress(x, weight, pe, cu_seqlens, block, stride, num_blocks, plan=plan)
 
@@ -80,6 +77,7 @@ def jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp,
     validate.check_jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config)
     chosen = resolve(backend, q.device, q.dtype)
     if plan is not None:
-        validate.check_plan_fits(plan, chosen.name, config, q.shape[0], q.shape[-1], v.shape[-1], cu_seqlens,
-                                 k_cmp.shape[0], anchor_mask)
+        validate.check_plan_fits(plan, cu_seqlens, anchor_mask, backend=chosen.name, config=config,
+                                 tokens=q.shape[0], head_dim=q.shape[-1], value_dim=v.shape[-1],
+                                 compressed_rows=k_cmp.shape[0])
     return chosen.attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config=config, plan=plan)

@@ -159,19 +159,20 @@ def check_jsa_plan(cu_seqlens, anchor_mask, config, head_dim, value_dim):
     check_cu_seqlens(cu_seqlens, anchor_mask.shape[0], items="entries of anchor_mask")
 
 
-def check_plan_fits(plan, backend: str, config, total: int, head_dim: int, value_dim: int, cu_seqlens,
-                    num_cmp_rows=None, anchor_mask=None):
-    """A plan serves only the batch (cu_seqlens and, given, anchor_mask: compared by value where
-    values may be read), config, head dims and backend it was built for."""
+def check_plan_fits(plan, cu_seqlens, anchor_mask=None, **call):
+    """A plan serves only the batch it was built for (cu_seqlens and, given, anchor_mask: compared
+    by value where values may be read) and the call's `backend`, `tokens` and whichever of `config`,
+    `block`, `stride`, `head_dim`, `value_dim`, `compressed_rows` the caller passes."""
     from .jsa import JSAPlan
 
     if not isinstance(plan, JSAPlan):
         raise TypeError(f"plan must be a sparserec.ops.JSAPlan from jsa_plan(), got {type(plan).__name__}")
-    built = dict(backend=plan.backend, config=plan.config, tokens=plan.num_tokens, sequences=plan.cu_cmp.numel() - 1,
-                 head_dim=plan.head_dim, value_dim=plan.value_dim, compressed_rows=plan.num_cmp_rows)
-    given = dict(backend=backend, config=config, tokens=total, sequences=cu_seqlens.numel() - 1, head_dim=head_dim,
-                 value_dim=value_dim, compressed_rows=plan.num_cmp_rows if num_cmp_rows is None else num_cmp_rows)
-    wrong = [f"{key} {built[key]!r} (this call: {given[key]!r})" for key in built if built[key] != given[key]]
+    built = dict(backend=plan.backend, config=plan.config, block=plan.config.block, stride=plan.config.stride,
+                 tokens=plan.num_tokens, sequences=plan.cu_cmp.numel() - 1, head_dim=plan.head_dim,
+                 value_dim=plan.value_dim, compressed_rows=plan.num_cmp_rows)
+    call["sequences"] = cu_seqlens.numel() - 1
+    wrong = [f"{key} {built[key]!r} (this call: {value!r})" for key, value in call.items()
+             if value is not None and built[key] != value]
     if wrong:
         raise ValueError("the plan was built for another call: " + ", ".join(wrong))
     if not _reads_values_allowed(cu_seqlens, plan.cu_seqlens):
