@@ -166,19 +166,21 @@ class KernelFlops:
         return sum(self.backward.values())
 
 
-def _triton_tiles(config: JSAConfig, head_dim: int) -> dict:
-    """The tile sizes the Triton kernels launch with, from each kernel module's launch_geometry."""
+def _triton_tiles(config: JSAConfig, head_dim: int, group: int) -> dict:
+    """The tile sizes the Triton kernels launch with, from each kernel module's launch_geometry.
+    sparse_m: rows of a query-major tile (`group` query heads packed), sparse_tokens its tokens."""
     from .triton_kernels import jsa_cmp, jsa_compress, jsa_sparse
 
     compress = jsa_compress.launch_geometry(head_dim)
     cmp = jsa_cmp.launch_geometry(config, head_dim)
-    sparse = jsa_sparse.launch_geometry(config, head_dim)
+    sparse = jsa_sparse.launch_geometry(config, head_dim, group=group)
     return dict(
         cmp_d=cmp["block_d"], sparse_d=sparse["block_d"],
         compress_fwd_c=compress["fwd_block_c"], compress_dw_c=compress["dw_block_c"],
         compress_dx_c=compress["dx_block_c"], dw_splits=compress["dw_splits"],
         select_m=cmp["select_block_m"], select_n=cmp["select_block_n"], select_j=cmp["select_block_j"],
-        sparse_m=sparse["block_m"], sparse_n=sparse["block_n"], sparse_dkv_m=sparse["dkv_block_m"],
+        sparse_m=sparse["block_m"], sparse_tokens=sparse["tile_tokens"], sparse_n=sparse["block_n"],
+        sparse_dkv_m=sparse["dkv_block_m"],
         sparse_dkv_n=sparse["dkv_block_n"], compact_m=sparse["compact_block_m"],
     )
 
@@ -191,23 +193,24 @@ def _visible_cmp(last_row, num_cmp: int, config: JSAConfig):
     return torch.clamp(reach, max=num_cmp)
 
 
-def _cmp_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, t: dict):
+def _cmp_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, kv_heads: int, t: dict):
     """The cmp branch: per selection tile, its row chunks x chunks of their visible compressed blocks
-    (forward, jsa_cmp); in jsa_sparse's backward, its query-major tiles x chunks of their visible
-    compressed blocks (dq) and its compact-key chunks of compressed blocks x the query rows that may
-    see them (dk, dv)."""
-    m, dim = t["sparse_m"], t["cmp_d"]
+    (forward, jsa_cmp); in jsa_sparse's backward, its query-major tiles (per kv head) x chunks of
+    their visible compressed blocks (dq) and its compact-key chunks of compressed blocks x the query
+    rows that may see them (dk, dv)."""
+    m, dim = t["sparse_tokens"], t["cmp_d"]
     tile, rows = config.select_q_block, t["select_m"]
     chunk_end = torch.arange(0, n, tile)[:, None] + torch.clamp(torch.arange(0, tile, rows) + rows, max=tile)
     chunk_visible = _visible_cmp(torch.clamp(chunk_end, max=n) - 1, num_cmp, config)
     forward = int(_steps(0, chunk_visible, t["select_n"]).sum()) * 2 * _matmul(rows, t["select_n"], dim)
     visible = _visible_cmp(torch.clamp(torch.arange(0, n, m) + m, max=n) - 1, num_cmp, config)
-    dq = int(_steps(0, visible, t["sparse_n"]).sum()) * 3 * _matmul(m, t["sparse_n"], t["sparse_d"])
+    dq = kv_heads * int(_steps(0, visible, t["sparse_n"]).sum()) * 3 * _matmul(t["sparse_m"], t["sparse_n"],
+                                                                              t["sparse_d"])
     key_m, key_n = t["compact_m"], t["sparse_dkv_n"]
     first_row = torch.arange(0, num_cmp, key_n)
     first_row = first_row * config.stride + config.block - 1 if config.causal else torch.zeros_like(first_row)
     dkv = int(_steps(first_row, n, key_m).sum()) * 4 * _matmul(key_n, key_m, t["sparse_d"])
-    return heads * forward, heads * (dq + dkv)
+    return heads * forward, dq + heads * dkv
 
 
 def _select_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, kv_heads: int, t: dict) -> int:
@@ -231,17 +234,18 @@ def _select_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, kv_heads:
 
 def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors, selection, t: dict):
     """jsa_sparse, one sequence: anchors (A,) local positions; selection (n, Hkv, top_n)."""
-    m, chunk, q_tile, sel_block = t["sparse_m"], t["sparse_n"], config.select_q_block, config.select_block
+    m, chunk, q_tile, sel_block = t["sparse_tokens"], t["sparse_n"], config.select_q_block, config.select_block
     key_m, key_n = t["sparse_dkv_m"], t["sparse_dkv_n"]
     group, window, causal = heads // kv_heads, config.window, config.causal
-    tile_product = _matmul(m, chunk, t["sparse_d"])
+    tile_product = _matmul(t["sparse_m"], chunk, t["sparse_d"])
 
-    # Query-major (forward; dq): per query tile, key chunks of its window, anchors and selected blocks.
+    # Query-major (forward; dq): per query tile of m tokens and kv head (its group's heads packed into
+    # the tile's rows), key chunks of its window, anchors and selected blocks.
     start = torch.arange(0, n, m)
     last = torch.clamp(start + m, max=n) - 1
     win_hi = last + 1 if causal else torch.clamp(last + window, max=n)
-    per_head = _steps(torch.clamp(start - window + 1, min=0), win_hi, chunk)
-    per_head += _steps(0, torch.searchsorted(anchors, last, right=True) if causal else len(anchors), chunk)
+    per_tile = _steps(torch.clamp(start - window + 1, min=0), win_hi, chunk)
+    per_tile += _steps(0, torch.searchsorted(anchors, last, right=True) if causal else len(anchors), chunk)
     per_kv_head = 0
     for step in range(_cdiv(m, q_tile) + 1):  # the selection tiles a query tile overlaps
         tile = start // q_tile + step
@@ -252,7 +256,7 @@ def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors,
             hi = torch.minimum(hi, last[:, None, None] + 1)
         used = (tile <= last // q_tile)[:, None, None] & (picked >= 0)
         per_kv_head += int(torch.where(used, _steps(lo, hi, chunk), 0).sum())
-    query_chunks = heads * int(per_head.sum()) + group * per_kv_head
+    query_chunks = kv_heads * int(per_tile.sum()) + per_kv_head
 
     # Key-major (dk, dv), key_n keys a program: anchor chunks x the query rows that may see them,
     # compact_m rows a step; per key chunk of each selection block, the rows of its window and of
@@ -306,7 +310,7 @@ def triton_executed_flops(lengths, config: JSAConfig, heads: int, head_dim: int,
     anchor_mask (T,) bool and selection (T, Hkv, top_n) packed as for `jsa_flops`, selection as the
     kernels picked it (`sparserec.ops.triton_backend.attention(..., return_selection=True)`).
     """
-    tiles = _triton_tiles(config, head_dim)
+    tiles = _triton_tiles(config, head_dim, heads // kv_heads)
     lengths = [int(n) for n in (lengths.tolist() if torch.is_tensor(lengths) else lengths)]
     anchor_mask, selection = anchor_mask.cpu(), selection.cpu().long()
     result = KernelFlops(dict.fromkeys(("compress", "cmp", "select", "sparse"), 0),
@@ -319,7 +323,7 @@ def triton_executed_flops(lengths, config: JSAConfig, heads: int, head_dim: int,
         if n == 0:
             continue
         num_cmp = num_compressed_blocks(n, config.block, config.stride)
-        forward, backward = _cmp_flops(n, num_cmp, config, heads, tiles)
+        forward, backward = _cmp_flops(n, num_cmp, config, heads, kv_heads, tiles)
         result.forward["cmp"] += forward
         result.backward["cmp"] += backward
         result.forward["select"] += _select_flops(n, num_cmp, config, heads, kv_heads, tiles)

@@ -234,6 +234,9 @@ def test_a_plan_serves_only_its_own_call(backend):
     wider = JourneySparseAttention(64, 4, 2, config=CONFIG, backend=backend)
     with pytest.raises(ValueError, match="head_dim 8 .*this call: 16"):
         wider(torch.randn(sum(LENGTHS), 64), cu_seqlens, anchors, plan=plan)
+    multi_head = JourneySparseAttention(32, 4, 4, config=CONFIG, backend=backend)
+    with pytest.raises(ValueError, match="group 2 .*this call: 1"):
+        multi_head(x, cu_seqlens, anchors, plan=plan)
     other = "reference" if backend != "reference" else AVAILABLE[0]
     if other != backend:
         with pytest.raises(ValueError, match=f"backend '{backend}' .*this call: '{other}'"):

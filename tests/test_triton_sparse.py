@@ -115,7 +115,8 @@ def test_oracle_is_the_reference_with_cmp_gate_zero():
     torch.testing.assert_close(mine, full, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
+# Groups of 2 and of 3 heads: a group is packed into a tile's rows, padded to a power of two.
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (6, 2)], ids=["mha", "gqa", "gqa3"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_forward_backward(causal, heads, kv_heads):
     config = replace(CONFIG, causal=causal)

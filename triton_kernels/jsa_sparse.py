@@ -1,9 +1,10 @@
 """Fused slc + jrn + win attention with the gated sum (SPEC §1), forward and backward, in Triton.
 
-The three token-level JSA branches share one kernel: a program owns a tile of BLOCK_M queries of
-one query head and walks, one branch after the other, its tile's selected blocks (slc), the
-sequence's anchors (jrn, through a compact anchor list) and its window (win). Each branch runs
-its own online softmax; the gated sum g_slc*o_slc + g_jrn*o_jrn + g_win*o_win is written once.
+The three token-level JSA branches share one kernel: a program owns a tile of queries of one kv
+head's group of query heads, packed into its BLOCK_M rows as (token, head) pairs, and walks, one
+branch after the other, its tile's selected blocks (slc: the group shares them), the sequence's
+anchors (jrn, through a compact anchor list) and its window (win). Each branch runs its own online
+softmax; the gated sum g_slc*o_slc + g_jrn*o_jrn + g_win*o_win is written once.
 
 Interface (called by sparserec.ops.triton_backend):
 
@@ -57,40 +58,50 @@ from .plan import attention_plan, check_tiles
 NUM_BRANCHES = 3  # slc, jrn, win = gates channels 1, 2, 3
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-    """Largest power of two <= cap dividing n, but at least 16 (tl.dot's smallest tile)."""
+def _pow2_divisor(n: int, cap: int, smallest: int = 16) -> int:
+    """Largest power of two <= cap dividing n, but at least `smallest` (16: tl.dot's smallest tile)."""
     size = cap
-    while size > 16 and n % size:
+    while size > smallest and n % size:
         size //= 2
     return size
 
 
-def launch_geometry(config, head_dim: int, block_m=None, block_n=None, value_dim=None) -> dict:
-    """Tile sizes of this module's launches for a JSA config: block_m query rows per
-    program and block_n keys per chunk of the query-major walk; dkv_block_n keys per program and
-    dkv_block_m query rows per step of the key-major (dk, dv) programs over selection blocks,
-    compact_block_m those of the compact-key programs; block_d, block_dv padded
-    head dims of q/k and of v (value_dim, default head_dim). sparserec.flops counts executed FLOPs
-    from them.
+def launch_geometry(config, head_dim: int, block_m=None, block_n=None, value_dim=None, group: int = 1) -> dict:
+    """Tile sizes of this module's launches for a JSA config: block_m query rows per program of the
+    query-major walk, which packs the `group` query heads of a kv head into its rows (group_pad,
+    the group rounded up to a power of two, rows per token; the extra ones are masked), so a query
+    tile holds tile_tokens = block_m // group_pad tokens; block_n keys per chunk of the walk;
+    dkv_block_n keys per program and dkv_block_m query rows per step of the key-major (dk, dv)
+    programs over selection blocks, compact_block_m those of the compact-key programs; block_d,
+    block_dv padded head dims of q/k and of v (value_dim, default head_dim). sparserec.flops counts
+    executed FLOPs from them.
 
     Query tiles divide select_q_block when they can, so a tile reads one selection; key chunks
-    divide select_block when they can, so a chunk lies in one selection block. Warps and pipeline
-    stages are autotuned (common.pipeline_configs, per size class of the token count).
+    divide select_block when they can, so a chunk lies in one selection block. Packing the group
+    (rather than one program per query head) loads each key chunk once for the group, which shares
+    its selection, and narrows a tile's span of tokens, so its window and causal walks cover fewer
+    keys a row. Warps and pipeline stages are autotuned (common.pipeline_configs, per size class of
+    the token count).
     """
     value_dim = value_dim or head_dim
     width = max(head_dim, value_dim)  # register pressure follows the wider of the two
-    block_m = block_m or _pow2_divisor(config.select_q_block, 64)
+    group_pad = next_power_of_2(group)
+    head_rows = block_m or _pow2_divisor(config.select_q_block, 64)  # one head's tile, unpacked
+    if block_m is None:
+        tile_tokens = _pow2_divisor(config.select_q_block, max(1, 64 // group_pad), max(1, 16 // group_pad))
+    else:
+        tile_tokens = max(1, block_m // group_pad)
     block_n = block_n or _pow2_divisor(config.select_block, 64 if width <= 64 else 32)
     # The key-major kernels also hold fp32 dk, dv: 64-key chunks spilled at head dim 64 (4 and 8
     # warps), 64-row query steps at head dim 128 (8 warps).
     dkv_block_n = block_n if width <= 32 else min(block_n, 32)
-    dkv_block_m = block_m if width <= 64 else min(block_m, 32)
+    dkv_block_m = head_rows if width <= 64 else min(head_rows, 32)
     # The compact-key programs share a launch with the query-major walk, so one kernel holds both
     # paths' registers; they also load each step's branch output for delta. Halved query steps
     # kept every GQA build of that kernel free of spills (16 is tl.dot's smallest).
     compact_block_m = max(16, dkv_block_m // 2)
-    return dict(block_m=block_m, block_n=block_n, dkv_block_m=dkv_block_m, dkv_block_n=dkv_block_n,
-                compact_block_m=compact_block_m,
+    return dict(block_m=tile_tokens * group_pad, tile_tokens=tile_tokens, group_pad=group_pad, block_n=block_n,
+                dkv_block_m=dkv_block_m, dkv_block_n=dkv_block_n, compact_block_m=compact_block_m,
                 block_d=next_power_of_2(head_dim), block_dv=next_power_of_2(value_dim))
 
 
@@ -246,8 +257,15 @@ def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList,
 
 
 @triton.jit
+def _head_rows(base, rows, heads, row_ok, stride_t, stride_h, offs, offs_ok, stride_d):
+    """Pointers (and mask) of one (token, head) row per tile row."""
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_t + heads[:, None] * stride_h + offs[None, :] * stride_d
+    return ptrs, row_ok[:, None] & offs_ok[None, :]
+
+
+@triton.jit
 def _query_major_tile(
-    tile, h, Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens, TileSeq, TileStart,
+    tile, kv_head, Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens, TileSeq, TileStart,
     Out, Lse, Branches, DO, Delta, DGates, OCmp, KCmp, VCmp, CuCmp, LseCmp,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
@@ -255,14 +273,17 @@ def _query_major_tile(
     stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc,
     stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
     total_tokens, num_heads, qk_scale, sm_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, TOP_N: tl.constexpr,
-    SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
+    TOP_N: tl.constexpr, SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
     CAUSAL: tl.constexpr, BACKWARD: tl.constexpr, STORE_BRANCHES: tl.constexpr,
     WITH_CMP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Query tile `tile` (TileSeq/TileStart; sequence -1: nothing to do) of query head h.
+    """Query tile `tile` (TileSeq/TileStart, BLOCK_M // GROUP_PAD tokens; sequence -1: nothing to
+    do) for every query head of kv head `kv_head`: the tile's rows are (token, head) pairs, token
+    major, GROUP_PAD slots per token of which GROUP are heads, so each key chunk is loaded once for
+    the whole group (which shares the selection too), and a row's keys are those of its token.
     Forward: Out = gated output, Lse, Branches. BACKWARD: dq (Out), Delta and DGates of the three
     branches (DGates channels 1..3 with WITH_CMP, 0..2 without).
     WITH_CMP, forward: Out also gets the gated cmp output g_cmp * OCmp (gate channel 0);
@@ -272,31 +293,34 @@ def _query_major_tile(
     seq, seq_start, length, tile_start = tile_bounds(TileSeq, TileStart, CuSeqlens, tile)
     if seq < 0:
         return
-    tile_last = tl.minimum(tile_start + BLOCK_M, length) - 1
-    rows = tile_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
+    tile_last = tl.minimum(tile_start + BLOCK_M // GROUP_PAD, length) - 1
+    slot = tl.arange(0, BLOCK_M)
+    member = slot % GROUP_PAD
+    rows = tile_start + slot // GROUP_PAD
+    row_ok = (rows < length) & (member < GROUP)
+    h = kv_head * GROUP + tl.minimum(member, GROUP - 1)  # padding slots repeat the last head, masked
     rows_global = (seq_start + rows).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < VALUE_DIM
-    kv_head = h // GROUP
     K += kv_head * stride_kh
     V += kv_head * stride_vh
     Sel += kv_head * stride_sh
+    gate_rows = rows_global * stride_gt + h * stride_gh
 
-    q = _load_rows(Q + h * stride_qh, rows_global, row_ok, stride_qt, offs_d, d_ok, stride_qd)
+    ptrs, mask = _head_rows(Q, rows_global, h, row_ok, stride_qt, stride_qh, offs_d, d_ok, stride_qd)
+    q = tl.load(ptrs, mask=mask, other=0.0)
     if BACKWARD:
-        do = _load_rows(DO + h * stride_doh, rows_global, row_ok, stride_dot, offs_dv, dv_ok,
-                        stride_dod)
+        ptrs, mask = _head_rows(DO, rows_global, h, row_ok, stride_dot, stride_doh, offs_dv, dv_ok, stride_dod)
+        do = tl.load(ptrs, mask=mask, other=0.0)
         total = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # dq
     else:
         do = q
         total = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)  # gated output
     for branch in tl.static_range(3):
         stat = (branch * num_heads + h).to(tl.int64) * total_tokens + rows_global
-        gate = tl.load(G + rows_global * stride_gt + h * stride_gh + (1 + branch) * stride_gc,
-                       mask=row_ok, other=0.0).to(tl.float32)
+        gate = tl.load(G + gate_rows + (1 + branch) * stride_gc, mask=row_ok, other=0.0).to(tl.float32)
         # Tile-sized pointers and masks are formed where used: live across a walk they spill.
         branch_rows = ((branch * total_tokens + rows_global) * num_heads + h) * VALUE_DIM
         if BACKWARD:
@@ -334,19 +358,17 @@ def _query_major_tile(
                          o_branch.to(Branches.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
             total += gate[:, None] * o_branch
     if WITH_CMP and not BACKWARD:
-        gate = tl.load(G + rows_global * stride_gt + h * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
-        o_cmp = tl.load(OCmp + rows_global[:, None] * stride_oct + h * stride_och + offs_dv[None, :],
-                        mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
-        total += gate[:, None] * o_cmp
+        gate = tl.load(G + gate_rows, mask=row_ok, other=0.0).to(tl.float32)
+        ptrs, mask = _head_rows(OCmp, rows_global, h, row_ok, stride_oct, stride_och, offs_dv, dv_ok, 1)
+        total += gate[:, None] * tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if WITH_CMP and BACKWARD:
         cmp_bos = tl.load(CuCmp + seq).to(tl.int64)
         num_cmp = tl.load(CuCmp + seq + 1).to(tl.int32) - cmp_bos.to(tl.int32)
         stat = rows_global * stride_lct + h * stride_lch
-        gate = tl.load(G + rows_global * stride_gt + h * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
+        gate = tl.load(G + gate_rows, mask=row_ok, other=0.0).to(tl.float32)
         lse2 = tl.load(LseCmp + stat, mask=row_ok, other=float("inf")) * LOG2E
-        o_cmp = tl.load(OCmp + rows_global[:, None] * stride_oct + h * stride_och + offs_dv[None, :],
-                        mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
-        dgate = tl.sum(do.to(tl.float32) * o_cmp, 1)
+        ptrs, mask = _head_rows(OCmp, rows_global, h, row_ok, stride_oct, stride_och, offs_dv, dv_ok, 1)
+        dgate = tl.sum(do.to(tl.float32) * tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), 1)
         delta = gate * dgate
         tl.store(DGates + rows_global * stride_dgt + h * stride_dgh, dgate.to(DGates.dtype.element_ty), mask=row_ok)
         total, _, _ = _walk_branch(
@@ -358,11 +380,10 @@ def _query_major_tile(
             BLOCK_N, PRECISION, CMP_BLOCK, CMP_STRIDE)
     if BACKWARD:
         total *= sm_scale
-        tl.store(Out + rows_global[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
-                 total.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        ptrs, mask = _head_rows(Out, rows_global, h, row_ok, stride_ot, stride_oh, offs_d, d_ok, stride_od)
     else:
-        tl.store(Out + rows_global[:, None] * stride_ot + h * stride_oh + offs_dv[None, :] * stride_od,
-                 total.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+        ptrs, mask = _head_rows(Out, rows_global, h, row_ok, stride_ot, stride_oh, offs_dv, dv_ok, stride_od)
+    tl.store(ptrs, total.to(Out.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,20 +613,22 @@ def _sparse_kernel(
     stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc,
     stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
     total_tokens, num_heads, num_kv_heads, query_tiles, anchor_chunks, compact_chunks, qk_scale, sm_scale,
-    tokens_bucket, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, TOP_N: tl.constexpr,
+    tokens_bucket, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
+    TOP_N: tl.constexpr,
     SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
     CAUSAL: tl.constexpr, BACKWARD: tl.constexpr, STORE_BRANCHES: tl.constexpr,
     WITH_CMP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DKV_BLOCK_M: tl.constexpr, DKV_BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One launch, a 1-D grid: programs below query_tiles * num_heads are (query tile, query head)
-    of the query-major walk (_query_major_tile: the forward, or dq in the backward); with BACKWARD,
-    the rest are (compact chunk, kv head) of _compact_chunk. The two sets read only what the
-    forward left, so they share the launch, and the few compact programs fill the GPU beside the
-    walk instead of running alone in a launch of their own."""
+    """One launch, a 1-D grid: programs below query_tiles * num_kv_heads are (query tile, kv head)
+    of the query-major walk (_query_major_tile, the group's heads packed into the tile's rows: the
+    forward, or dq in the backward); with BACKWARD, the rest are (compact chunk, kv head) of
+    _compact_chunk. The two sets read only what the forward left, so they share the launch, and the
+    few compact programs fill the GPU beside the walk instead of running alone in a launch of their
+    own."""
     pid = tl.program_id(0)
-    walk_programs = query_tiles * num_heads
+    walk_programs = query_tiles * num_kv_heads
     if pid < walk_programs:
         _query_major_tile(
             pid % query_tiles, pid // query_tiles, Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens,
@@ -615,7 +638,7 @@ def _sparse_kernel(
             stride_st, stride_sh, stride_sn, stride_ot, stride_oh, stride_od,
             stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc,
             stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
-            total_tokens, num_heads, qk_scale, sm_scale, GROUP, HEAD_DIM, VALUE_DIM, TOP_N,
+            total_tokens, num_heads, qk_scale, sm_scale, GROUP, GROUP_PAD, HEAD_DIM, VALUE_DIM, TOP_N,
             SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW, CAUSAL, BACKWARD, STORE_BRANCHES, WITH_CMP, CMP_BLOCK,
             CMP_STRIDE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     elif BACKWARD:
@@ -666,7 +689,7 @@ def _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, out, 
                           else (plan.anchor_chunk_seq, plan.anchor_chunk_start))
     c = compact
     branches_ = out if branches is None else branches
-    _sparse_kernel[(query_tiles * heads + (anchor_chunks + cmp_chunks) * kv_heads,)](
+    _sparse_kernel[((query_tiles + anchor_chunks + cmp_chunks) * kv_heads,)](
         q, k, v, gates, selection, plan.anchor_list, plan.anchor_prefix, cu_seqlens, tile_seq, tile_start,
         out, lse, branches_, dout_, lse if delta is None else delta, dgates_, o_cmp, k_cmp, v_cmp, cu_cmp,
         lse_cmp, plan.cu_anchor, plan.anchor_chunk_seq, plan.anchor_chunk_start, c["dk_anchor"], c["dv_anchor"],
@@ -677,8 +700,8 @@ def _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, out, 
         lse_cmp.stride(0), lse_cmp.stride(1),
         total, heads, kv_heads, query_tiles, anchor_chunks, anchor_chunks + cmp_chunks, LOG2E.value / dim ** 0.5,
         1.0 / dim ** 0.5, size_bucket(total),
-        GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=v.shape[-1], TOP_N=config.top_n,
-        SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
+        GROUP=heads // kv_heads, GROUP_PAD=geometry["group_pad"], HEAD_DIM=dim, VALUE_DIM=v.shape[-1],
+        TOP_N=config.top_n, SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
         WINDOW=config.window, CAUSAL=config.causal, BACKWARD=backward,
         STORE_BRANCHES=branches is not None, WITH_CMP=with_cmp, CMP_BLOCK=config.block,
         CMP_STRIDE=config.stride, BLOCK_M=geometry["block_m"], BLOCK_N=geometry["block_n"],
@@ -690,10 +713,10 @@ def _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, out, 
 def _plan(plan, anchor_mask, cu_seqlens, cu_cmp, num_cmp_rows: int, config, geometry):
     """The batch's plan.AttentionPlan (built here when None), checked against this launch's tiles."""
     if plan is None:
-        return attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows, geometry["block_m"],
+        return attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows, geometry["tile_tokens"],
                               geometry["dkv_block_n"])
     total, batch = anchor_mask.shape[0], cu_seqlens.shape[0] - 1
-    check_tiles(plan.query_tile_seq, total, batch, geometry["block_m"], "query tile")
+    check_tiles(plan.query_tile_seq, total, batch, geometry["tile_tokens"], "query tile")
     check_tiles(plan.anchor_chunk_seq, total, batch, geometry["dkv_block_n"], "anchor chunk")
     if cu_cmp is not None:
         check_tiles(plan.cmp_chunk_seq, num_cmp_rows, batch, geometry["dkv_block_n"], "compressed-row chunk")
@@ -708,7 +731,7 @@ def sparse_attention_fwd(q, k, v, gates, selection, anchor_mask, cu_seqlens, con
     plan: the batch's `plan.AttentionPlan` for this geometry (built here when None)."""
     total, heads, dim = q.shape
     value_dim = v.shape[-1]
-    geometry = launch_geometry(config, dim, block_m, block_n, value_dim)
+    geometry = launch_geometry(config, dim, block_m, block_n, value_dim, heads // k.shape[1])
     out = empty((total, heads, value_dim), q.dtype, q.device)
     lse = empty((NUM_BRANCHES, heads, total), torch.float32, q.device)
     branches = empty((NUM_BRANCHES, total, heads, value_dim), q.dtype, q.device) if store_branches else None
@@ -731,7 +754,7 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     """
     total, heads, dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
-    geometry = launch_geometry(config, dim, block_m, block_n, value_dim)
+    geometry = launch_geometry(config, dim, block_m, block_n, value_dim, heads // k.shape[1])
     block_n = geometry["dkv_block_n"]  # keys per program of the key-major work
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)

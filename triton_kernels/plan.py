@@ -8,10 +8,10 @@ launch rebuilding them (on a GPU, a few dozen tiny kernels a layer). Sizes come 
 (`max_tiles` bounds), so building a plan reads nothing on the host.
 
     compress = compress_plan(cu_seqlens, cu_cmp, num_blocks, block, stride)
-    attention = attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows, block_m, block_n)
+    attention = attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows, tile_tokens, block_n)
 
-block_m, block_n: the query rows per tile of jsa_sparse's walk and the keys per program of its
-key-major work (`jsa_sparse.launch_geometry`: "block_m", "dkv_block_n"); the kernels check that a
+tile_tokens, block_n: the tokens per query tile of jsa_sparse's walk and the keys per program of its
+key-major work (`jsa_sparse.launch_geometry`: "tile_tokens", "dkv_block_n"); the kernels check that a
 plan's maps have the sizes their own geometry gives.
 """
 from typing import NamedTuple
@@ -33,7 +33,7 @@ class AttentionPlan(NamedTuple):
     select_tile_seq: torch.Tensor    # tiles of select_q_block queries: the cmp + selection programs
     select_tile_start: torch.Tensor  #   and the inverse selection map of the backward
     token_tile: torch.Tensor         # (T_total,) int64: each token's select tile
-    query_tile_seq: torch.Tensor     # tiles of block_m queries: the query-major walk
+    query_tile_seq: torch.Tensor     # tiles of tile_tokens queries: the query-major walk
     query_tile_start: torch.Tensor
     anchor_list: torch.Tensor        # (T_total,) int32: the anchors' token indices, packed, ascending
     cu_anchor: torch.Tensor          # (B+1,) int32: sequence b's anchors are anchor_list[cu_anchor[b]:cu_anchor[b+1]]
@@ -84,7 +84,7 @@ def token_tiles(cu_seqlens, block: int, total: int) -> torch.Tensor:
     return tiles_before[seq] + (token - cu_seqlens[seq]) // block
 
 
-def attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows: int, block_m: int,
+def attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows: int, tile_tokens: int,
                    block_n: int) -> AttentionPlan:
     """cu_cmp may be None when there is no cmp branch (its chunk maps are then empty)."""
     total, batch = anchor_mask.shape[0], cu_seqlens.shape[0] - 1
@@ -96,7 +96,7 @@ def attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows: int, b
     return AttentionPlan(
         *jagged_tiles(cu_seqlens, config.select_q_block, max_tiles(total, batch, config.select_q_block)),
         token_tiles(cu_seqlens, config.select_q_block, total),
-        *jagged_tiles(cu_seqlens, block_m, max_tiles(total, batch, block_m)),
+        *jagged_tiles(cu_seqlens, tile_tokens, max_tiles(total, batch, tile_tokens)),
         anchor_list, cu_anchor, anchor_prefix,
         *jagged_tiles(cu_anchor, block_n, max_tiles(total, batch, block_n)),
         *cmp_chunks,

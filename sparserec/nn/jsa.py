@@ -30,7 +30,8 @@ def compressed_jsa(q, k, v, gates, anchor_mask, cu_seqlens, k_compress, v_compre
     of two of each).
     """
     if plan is None:
-        plan = jsa_plan(cu_seqlens, anchor_mask, config, q.shape[-1], v.shape[-1], dtype=q.dtype, backend=backend)
+        plan = jsa_plan(cu_seqlens, anchor_mask, config, q.shape[-1], v.shape[-1], dtype=q.dtype, backend=backend,
+                        group=q.shape[1] // k.shape[1])
     (k_weight, k_pe), (v_weight, v_pe) = k_compress.linear_part(), v_compress.linear_part()
     if k.shape[-1] == v.shape[-1]:
         hidden, cu_cmp = jsa_compress(torch.cat([k, v], 1), torch.cat([k_weight, v_weight]), torch.cat([k_pe, v_pe]),
@@ -141,7 +142,7 @@ class JourneySparseAttention(nn.Module):
         bool: all False for no anchors) for this module's config, widths and backend, with activations
         of `dtype` (default: the weights'): pass it to every such layer's forward."""
         return jsa_plan(cu_seqlens, anchor_mask, self.config, self.head_dim, dtype=dtype or self.q_proj.weight.dtype,
-                        backend=self.backend)
+                        backend=self.backend, group=self.num_heads // self.num_kv_heads)
 
     def forward(self, x, cu_seqlens=None, anchor_mask=None, key_padding_mask=None, plan=None):
         if not isinstance(x, torch.Tensor):

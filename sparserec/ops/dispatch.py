@@ -27,7 +27,7 @@ class Backend:
     unsupported: Check  # (device, dtype) -> reason or None
     attention: Callable  # (q, ..., cu_cmp, config=, plan=) -> out
     compress: Callable   # (x, weight, pe, cu_seqlens, block, stride, num_blocks, plan=) -> (x_cmp, cu_cmp)
-    # (cu_seqlens, cu_cmp, anchor_mask, config, head_dim, value_dim, num_cmp_rows) -> the backend's
+    # (cu_seqlens, cu_cmp, anchor_mask, config, head_dim, value_dim, group, num_cmp_rows) -> the backend's
     # own per-batch index maps (compress, attention) for a JSAPlan; none by default
     plan: Callable = _no_maps
 

@@ -12,7 +12,8 @@ from .dispatch import resolve
 class JSAPlan(NamedTuple):
     """What a batch's JSA calls derive from its lengths and anchors, built once by `jsa_plan` on the
     device (no host read) and passed to every layer's `jsa_compress` and `jsa_attention`, forward
-    and backward. cu_seqlens, anchor_mask: the batch it was built for; cu_cmp: compressed-block
+    and backward. cu_seqlens, anchor_mask: the batch it was built for; group: query heads per kv
+    head (the Triton walk packs a group into its tiles' rows); cu_cmp: compressed-block
     offsets (B+1,); num_cmp_rows: the static bound T_total // stride that sizes compressed tensors;
     compress, attention: the backend's own index maps (the Triton backend's tile maps and packed
     anchor index; () for backends that keep none)."""
@@ -23,6 +24,7 @@ class JSAPlan(NamedTuple):
     num_tokens: int
     head_dim: int
     value_dim: int
+    group: int
     num_cmp_rows: int
     cu_cmp: torch.Tensor
     compress: tuple
@@ -30,18 +32,19 @@ class JSAPlan(NamedTuple):
 
 
 def jsa_plan(cu_seqlens, anchor_mask, config: JSAConfig, head_dim: int, value_dim=None,
-             dtype: torch.dtype = torch.float32, backend: str = "auto") -> JSAPlan:
+             dtype: torch.dtype = torch.float32, backend: str = "auto", group: int = 1) -> JSAPlan:
     """The plan of a batch (cu_seqlens (B+1,), anchor_mask (T_total,) bool) for JSA layers of
-    `config` with key width head_dim and value width value_dim (default head_dim) on `backend`
-    (resolved for dtype and the batch's device)."""
+    `config` with key width head_dim, value width value_dim (default head_dim) and `group` query
+    heads per kv head (1: multi-head attention) on `backend` (resolved for dtype and the batch's
+    device)."""
     value_dim = head_dim if value_dim is None else value_dim
-    validate.check_jsa_plan(cu_seqlens, anchor_mask, config, head_dim, value_dim)
+    validate.check_jsa_plan(cu_seqlens, anchor_mask, config, head_dim, value_dim, group)
     chosen = resolve(backend, cu_seqlens.device, dtype)
     total = anchor_mask.shape[0]
     rows = compressed_rows_bound(total, config.stride)
     cu_cmp = compressed_cu_seqlens(cu_seqlens, config.block, config.stride)
-    compress, attention = chosen.plan(cu_seqlens, cu_cmp, anchor_mask, config, head_dim, value_dim, rows)
-    return JSAPlan(cu_seqlens, anchor_mask, chosen.name, config, total, head_dim, value_dim, rows, cu_cmp,
+    compress, attention = chosen.plan(cu_seqlens, cu_cmp, anchor_mask, config, head_dim, value_dim, group, rows)
+    return JSAPlan(cu_seqlens, anchor_mask, chosen.name, config, total, head_dim, value_dim, group, rows, cu_cmp,
                    tuple(compress), tuple(attention))
 
 
@@ -79,5 +82,5 @@ def jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp,
     if plan is not None:
         validate.check_plan_fits(plan, cu_seqlens, anchor_mask, backend=chosen.name, config=config,
                                  tokens=q.shape[0], head_dim=q.shape[-1], value_dim=v.shape[-1],
-                                 compressed_rows=k_cmp.shape[0])
+                                 group=q.shape[1] // max(k.shape[1], 1), compressed_rows=k_cmp.shape[0])
     return chosen.attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, cu_cmp, config=config, plan=plan)

@@ -60,16 +60,18 @@ def _config(block, stride, select_block, top_n, select_q_block, window, causal) 
                      select_q_block=select_q_block, window=window, causal=causal)
 
 
-def plan(cu_seqlens, cu_cmp, anchor_mask, config: JSAConfig, head_dim: int, value_dim: int, num_cmp_rows: int):
+def plan(cu_seqlens, cu_cmp, anchor_mask, config: JSAConfig, head_dim: int, value_dim: int, group: int,
+         num_cmp_rows: int):
     """The batch's maps for `sparserec.ops.jsa_plan`: (CompressPlan, AttentionPlan)."""
     return (compress_plan(cu_seqlens, cu_cmp, num_cmp_rows, config.block, config.stride),
-            _new_attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, head_dim, value_dim, num_cmp_rows))
+            _new_attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, head_dim, value_dim, group, num_cmp_rows))
 
 
-def _new_attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, head_dim: int, value_dim: int, num_cmp_rows: int):
-    """The AttentionPlan at the tile sizes the kernels pick for these widths."""
-    geometry = jsa_sparse.launch_geometry(config, head_dim, value_dim=value_dim)
-    return attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows, geometry["block_m"],
+def _new_attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, head_dim: int, value_dim: int, group: int,
+                        num_cmp_rows: int):
+    """The AttentionPlan at the tile sizes the kernels pick for these widths and GQA group."""
+    geometry = jsa_sparse.launch_geometry(config, head_dim, value_dim=value_dim, group=group)
+    return attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, num_cmp_rows, geometry["tile_tokens"],
                           geometry["dkv_block_n"])
 
 
@@ -124,7 +126,7 @@ def triton_jsa_attention(
     select_q_block: int, window: int, causal: bool, store_branches: bool, plan: list[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     config = _config(block, stride, select_block, top_n, select_q_block, window, causal)
-    maps = _attention_maps(plan, q, v, anchor_mask, cu_seqlens, cu_cmp, k_cmp.shape[0], config)
+    maps = _attention_maps(plan, q, k, v, anchor_mask, cu_seqlens, cu_cmp, k_cmp.shape[0], config)
     o_cmp, lse_cmp, selection = jsa_cmp.cmp_attention_select(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, config, plan=maps)
     out, lse_sparse, branches = jsa_sparse.sparse_attention_fwd(
         q, k, v, gates, selection, anchor_mask, cu_seqlens, config, store_branches=store_branches, o_cmp=o_cmp,
@@ -134,11 +136,12 @@ def triton_jsa_attention(
     return out, o_cmp, lse_cmp, selection, lse_sparse, branches
 
 
-def _attention_maps(plan, q, v, anchor_mask, cu_seqlens, cu_cmp, num_cmp_rows: int, config) -> AttentionPlan:
+def _attention_maps(plan, q, k, v, anchor_mask, cu_seqlens, cu_cmp, num_cmp_rows: int, config) -> AttentionPlan:
     """The op's AttentionPlan: the one passed in, or this call's own."""
     if plan:
         return AttentionPlan(*plan)
-    return _new_attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, q.shape[-1], v.shape[-1], num_cmp_rows)
+    return _new_attention_plan(cu_seqlens, cu_cmp, anchor_mask, config, q.shape[-1], v.shape[-1],
+                               q.shape[1] // k.shape[1], num_cmp_rows)
 
 
 @triton_jsa_attention.register_fake
@@ -164,7 +167,7 @@ def triton_jsa_attention_backward(
     dq, dk, dv, dgates, dk_cmp, dv_cmp = jsa_sparse.sparse_attention_bwd(
         dout, q, k, v, gates, selection, anchor_mask, cu_seqlens, config, branches, lse_sparse,
         cmp=(k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp),
-        plan=_attention_maps(plan, q, v, anchor_mask, cu_seqlens, cu_cmp, k_cmp.shape[0], config))
+        plan=_attention_maps(plan, q, k, v, anchor_mask, cu_seqlens, cu_cmp, k_cmp.shape[0], config))
     return dq, dk, dv, dk_cmp, dv_cmp, dgates
 
 

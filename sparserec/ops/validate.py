@@ -146,12 +146,12 @@ def check_jsa_attention(q, k, v, k_cmp, v_cmp, gates, anchor_mask, cu_seqlens, c
                              "apply a sigmoid first")
 
 
-def check_jsa_plan(cu_seqlens, anchor_mask, config, head_dim, value_dim):
+def check_jsa_plan(cu_seqlens, anchor_mask, config, head_dim, value_dim, group):
     from ..config import JSAConfig
 
     if not isinstance(config, JSAConfig):
         raise TypeError(f"config must be a sparserec.JSAConfig, got {type(config).__name__}")
-    for name, value in (("head_dim", head_dim), ("value_dim", value_dim)):
+    for name, value in (("head_dim", head_dim), ("value_dim", value_dim), ("group", group)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     check_tensor("anchor_mask", anchor_mask, ndim=1, dtypes=(torch.bool,))
@@ -162,14 +162,14 @@ def check_jsa_plan(cu_seqlens, anchor_mask, config, head_dim, value_dim):
 def check_plan_fits(plan, cu_seqlens, anchor_mask=None, **call):
     """A plan serves only the batch it was built for (cu_seqlens and, given, anchor_mask: compared
     by value where values may be read) and the call's `backend`, `tokens` and whichever of `config`,
-    `block`, `stride`, `head_dim`, `value_dim`, `compressed_rows` the caller passes."""
+    `block`, `stride`, `head_dim`, `value_dim`, `group`, `compressed_rows` the caller passes."""
     from .jsa import JSAPlan
 
     if not isinstance(plan, JSAPlan):
         raise TypeError(f"plan must be a sparserec.ops.JSAPlan from jsa_plan(), got {type(plan).__name__}")
     built = dict(backend=plan.backend, config=plan.config, block=plan.config.block, stride=plan.config.stride,
                  tokens=plan.num_tokens, sequences=plan.cu_cmp.numel() - 1, head_dim=plan.head_dim,
-                 value_dim=plan.value_dim, compressed_rows=plan.num_cmp_rows)
+                 value_dim=plan.value_dim, group=plan.group, compressed_rows=plan.num_cmp_rows)
     call["sequences"] = cu_seqlens.numel() - 1
     wrong = [f"{key} {built[key]!r} (this call: {value!r})" for key, value in call.items()
              if value is not None and built[key] != value]
