@@ -193,24 +193,20 @@ def _visible_cmp(last_row, num_cmp: int, config: JSAConfig):
     return torch.clamp(reach, max=num_cmp)
 
 
-def _cmp_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, kv_heads: int, t: dict):
+def _cmp_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, t: dict):
     """The cmp branch: per selection tile, its row chunks x chunks of their visible compressed blocks
-    (forward, jsa_cmp); in jsa_sparse's backward, its query-major tiles (per kv head) x chunks of
-    their visible compressed blocks (dq) and its compact-key chunks of compressed blocks x the query
-    rows that may see them (dk, dv)."""
-    m, dim = t["sparse_tokens"], t["cmp_d"]
+    (forward, jsa_cmp); in jsa_sparse's backward, its compact-key chunks of compressed blocks x the
+    query rows that may see them (dk, dv and dq: five tile products)."""
+    dim = t["cmp_d"]
     tile, rows = config.select_q_block, t["select_m"]
     chunk_end = torch.arange(0, n, tile)[:, None] + torch.clamp(torch.arange(0, tile, rows) + rows, max=tile)
     chunk_visible = _visible_cmp(torch.clamp(chunk_end, max=n) - 1, num_cmp, config)
     forward = int(_steps(0, chunk_visible, t["select_n"]).sum()) * 2 * _matmul(rows, t["select_n"], dim)
-    visible = _visible_cmp(torch.clamp(torch.arange(0, n, m) + m, max=n) - 1, num_cmp, config)
-    dq = kv_heads * int(_steps(0, visible, t["sparse_n"]).sum()) * 3 * _matmul(t["sparse_m"], t["sparse_n"],
-                                                                              t["sparse_d"])
     key_m, key_n = t["compact_m"], t["sparse_dkv_n"]
     first_row = torch.arange(0, num_cmp, key_n)
     first_row = first_row * config.stride + config.block - 1 if config.causal else torch.zeros_like(first_row)
-    dkv = int(_steps(first_row, n, key_m).sum()) * 4 * _matmul(key_n, key_m, t["sparse_d"])
-    return heads * forward, dq + heads * dkv
+    dkv = int(_steps(first_row, n, key_m).sum()) * 5 * _matmul(key_n, key_m, t["sparse_d"])
+    return heads * forward, heads * dkv
 
 
 def _select_flops(n: int, num_cmp: int, config: JSAConfig, heads: int, kv_heads: int, t: dict) -> int:
@@ -258,7 +254,7 @@ def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors,
         per_kv_head += int(torch.where(used, _steps(lo, hi, chunk), 0).sum())
     query_chunks = kv_heads * int(per_tile.sum()) + per_kv_head
 
-    # Key-major (dk, dv), key_n keys a program: anchor chunks x the query rows that may see them,
+    # Key-major (dk, dv, dq), key_n keys a program: anchor chunks x the query rows that may see them,
     # compact_m rows a step; per key chunk of each selection block, the rows of its window and of
     # the query tiles that selected the block, key_m rows a step.
     anchor_first = anchors[::key_n] if causal else torch.zeros_like(anchors[::key_n])
@@ -277,8 +273,7 @@ def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors,
     key_rows += group * int(torch.where((picked >= 0) & (key_lo < key_hi), slc_rows, 0).sum())
     key_product = _matmul(key_m, key_n, t["sparse_d"])
     anchor_product = _matmul(t["compact_m"], key_n, t["sparse_d"])
-    return (query_chunks * 2 * tile_product,
-            query_chunks * 3 * tile_product + key_rows * 4 * key_product + anchor_rows * 4 * anchor_product)
+    return query_chunks * 2 * tile_product, key_rows * 5 * key_product + anchor_rows * 5 * anchor_product
 
 
 def _compress_flops(lengths, config: JSAConfig, kv_heads: int, t: dict):
@@ -305,7 +300,7 @@ def triton_executed_flops(lengths, config: JSAConfig, heads: int, head_dim: int,
     the kernels' own loop bounds and tile sizes (`_triton_tiles`), each chunk costing its full tile
     products. Elementwise work is not counted. Forward: compress, cmp (attention) and select
     (re-scoring for the top-N; not part of the useful count), both in jsa_cmp's one launch, sparse (slc + jrn + win). Backward:
-    compress (dW, dx), cmp (dq; dk, dv), sparse (dq; anchor dk, dv; block dk, dv).
+    compress (dW, dx), cmp (dk, dv, dq), sparse (anchor and block dk, dv, dq).
 
     anchor_mask (T,) bool and selection (T, Hkv, top_n) packed as for `jsa_flops`, selection as the
     kernels picked it (`sparserec.ops.triton_backend.attention(..., return_selection=True)`).
@@ -323,7 +318,7 @@ def triton_executed_flops(lengths, config: JSAConfig, heads: int, head_dim: int,
         if n == 0:
             continue
         num_cmp = num_compressed_blocks(n, config.block, config.stride)
-        forward, backward = _cmp_flops(n, num_cmp, config, heads, kv_heads, tiles)
+        forward, backward = _cmp_flops(n, num_cmp, config, heads, tiles)
         result.forward["cmp"] += forward
         result.backward["cmp"] += backward
         result.forward["select"] += _select_flops(n, num_cmp, config, heads, kv_heads, tiles)

@@ -19,9 +19,10 @@ launch stays capturable in a CUDA graph and traceable by torch.compile):
                                       (sequence-local); tile_seq == -1 marks a spare program
   dot_precision(dtype)                "ieee" for fp32/fp64 (tl.dot would round fp32 to tf32), else "tf32"
   launch_configs(configs)             an autotune list; only its first entry under the interpreter
-  pipeline_configs(), prune_narrow_warps
+  pipeline_configs(), prune_narrow_warps(widest)
                                       autotune candidates of warps and pipeline depth only (tile
-                                      sizes stay fixed: the batch plan and the FLOP count follow them)
+                                      sizes stay fixed: the batch plan and the FLOP count follow them),
+                                      and a pruner keeping 8 warps above head dim `widest`
   size_bucket(n)                      the next power of two: an autotune key's size class
   chosen_config(kernel)               an autotuned kernel's config as last chosen (before any launch:
                                       its first candidate); launch_geometry functions report it
@@ -129,11 +130,15 @@ def pipeline_configs():
     return launch_configs([triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (8, 3))])
 
 
-def prune_narrow_warps(configs, named_args, **kwargs):
-    """Head dims above 64 keep 8 warps: with 4, the fp32 accumulators plus the q/do and k/v tiles
-    need more than 255 registers a thread and ptxas spills (tools/compile_triton.py)."""
-    wide = max(kwargs.get("BLOCK_D", 0), kwargs.get("BLOCK_DV", 0)) > 64
-    return [c for c in configs if not wide or c.num_warps == 8] or configs[:1]
+def prune_narrow_warps(widest: int = 64):
+    """An autotune early_config_prune: head dims above `widest` keep 8 warps only. With 4, the fp32
+    accumulators plus the q/do and k/v tiles need more than 255 registers a thread and ptxas spills
+    (tools/compile_triton.py): above 64 in every attention kernel, from 64 on in the key-major
+    backward, which also forms each step's dq tile."""
+    def prune(configs, named_args, **kwargs):
+        wide = max(kwargs.get("BLOCK_D", 0), kwargs.get("BLOCK_DV", 0)) > widest
+        return [c for c in configs if not wide or c.num_warps == 8] or configs[:1]
+    return prune
 
 
 def size_bucket(n: int) -> int:

@@ -97,7 +97,7 @@ def _cmp_attend_rows(
 
 
 @triton.autotune(configs=pipeline_configs(), key=["HEAD_DIM", "VALUE_DIM", "GROUP", "CAUSAL", "ATTEND", "tokens_bucket"],
-                 prune_configs_by={"early_config_prune": prune_narrow_warps})
+                 prune_configs_by={"early_config_prune": prune_narrow_warps()})
 @triton.jit
 def _cmp_fwd_select(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, sel_ptr, tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, cu_cmp_ptr,

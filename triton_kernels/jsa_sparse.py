@@ -30,22 +30,25 @@ Interface (called by sparserec.ops.triton_backend):
   `cmp=`, else None.
   Optional block_m / block_n override the tile sizes (tests use them to force many tiles).
 
-Backward, two launches (three kinds of programs):
-  1. query-major (the forward's walk again): d(gate_b) = <dout, o_b>, delta_b = g_b * d(gate_b),
-     and dq; given `cmp=` it also does the cmp branch's gate gradient and delta (from o_cmp) and
-     walks the tile's visible compressed keys, so dq holds that branch's part too;
+Backward, two launches (three kinds of programs), FlashAttention-2 style: every score tile is
+recomputed once, by the program that owns its keys, which computes dk, dv and adds the rows' dq
+share atomically to an fp32 dq (five tile products per (rows, keys) pair; a separate query-major dq
+walk would recompute the scores and dP, seven):
+  1. query-major tiles, no keys: d(gate_b) = <dout, o_b> and delta_b = g_b * d(gate_b) per branch
+     (and the cmp gate's gradient, from o_cmp, given `cmp=`);
   2. in the same launch, compact keys, which every query of their sequence may see: chunks of a
      sequence's anchors (the jrn part of dk/dv, in fp32, compact by anchor rank) and, given
-     `cmp=`, chunks of its compressed blocks (dk_cmp, dv_cmp). They recompute delta from the
-     branch output the forward stored (o_jrn, o_cmp), an extra read of one (rows, Dv) tile per
-     step, so that they need nothing the walk writes;
-  3. key-major over selection blocks (its own launch, after both): the slc and win parts of dk/dv,
-     plus the jrn part of the anchors among its keys, written once. The slc part needs, per
-     selection block, the query tiles that selected it: an inverse selection map built on the
+     `cmp=`, chunks of its compressed blocks (dk_cmp, dv_cmp), with their branches' dq. They
+     recompute delta from the branch output the forward stored (o_jrn, o_cmp), an extra read of
+     one (rows, Dv) tile per step, so that they need nothing the tiles of 1 write;
+  3. key-major over selection blocks (its own launch, after both): the slc and win parts of dk/dv
+     and dq, plus the jrn part of the anchors among its keys, written once. The slc part needs,
+     per selection block, the query tiles that selected it: an inverse selection map built on the
      device by a sort.
-No T x T tensor, no atomics (dk/dv are deterministic), no host synchronisation: every grid is an
-upper bound computed from shapes alone and idle programs exit, so the launches are safe under
-CUDA graphs and torch.compile.
+No T x T tensor and no host synchronisation: every grid is an upper bound computed from shapes
+alone and idle programs exit, so the launches are safe under CUDA graphs and torch.compile. dk and
+dv are deterministic; dq, summed by atomic adds, may differ in its last bits from run to run on a
+GPU (as FlashAttention-2's does).
 """
 import torch
 import triton
@@ -136,7 +139,7 @@ def _inverse_selection(selection, cu_seqlens, config, num_blocks: int, tile_seq,
 
 
 # ----------------------------------------------------------------------------------------------
-# Query-major walk: the forward, and dq in the backward
+# Query-major walk: the forward; the gates' gradients and softmax deltas in the backward
 # ----------------------------------------------------------------------------------------------
 
 
@@ -147,56 +150,29 @@ def _load_rows(base, rows, row_ok, stride_t, offs_d, d_ok, stride_d):
 
 
 @triton.jit
-def _query_step(acc, m_i, l_i, q, do, lse2, delta, gate, k, v, visible, qk_scale,
-                BACKWARD: tl.constexpr, PRECISION: tl.constexpr):
-    """One key chunk for a query tile. Forward: an online-softmax step (log2 units), state
-    (acc, m_i, l_i). Backward: acc is dq (unscaled), using the forward's lse and delta."""
+def _query_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION: tl.constexpr):
+    """One key chunk for a query tile: an online-softmax step (log2 units), state (acc, m_i, l_i)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    if BACKWARD:
-        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * gate[:, None]
-        ds = p * (dp - delta[:, None])
-        acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    else:
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no key keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
-def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList, AnchorPrefix,
+def _walk_branch(acc, m_i, l_i, q, K, V, Sel, AnchorList, AnchorPrefix,
                  stride_kt, stride_kd, stride_vt, stride_vd, stride_st, stride_sn,
                  seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, offs_dv, dv_ok, qk_scale,
-                 BRANCH: tl.constexpr, BACKWARD: tl.constexpr, CAUSAL: tl.constexpr,
-                 TOP_N: tl.constexpr, SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr,
-                 WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                 CMP_BLOCK: tl.constexpr = 1, CMP_STRIDE: tl.constexpr = 1):
-    """Visit every key chunk a query tile sees in one branch (K, V, Sel at its kv head). Branch 3,
-    cmp, walks the sequence's compressed keys: K, V at its first block, `length` its block count."""
-    if BRANCH == 3:  # cmp: compressed block i is visible to t iff i*stride + block - 1 <= t
-        if CAUSAL:
-            reach = tl.where(tile_last >= CMP_BLOCK - 1, (tile_last - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
-            num_visible = tl.minimum(reach, length)
-        else:
-            num_visible = length
-        for start in range(0, num_visible, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < num_visible
-            k = _load_rows(K, cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
-            v = _load_rows(V, cols, col_ok, stride_vt, offs_dv, dv_ok, stride_vd)
-            visible = row_ok[:, None] & col_ok[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= rows[:, None])
-            acc, m_i, l_i = _query_step(acc, m_i, l_i, q, do, lse2, delta, gate, k, v,
-                                        visible, qk_scale, BACKWARD, PRECISION)
-    elif BRANCH == 0:  # slc: the selected blocks of each selection tile the query tile overlaps
+                 BRANCH: tl.constexpr, CAUSAL: tl.constexpr, TOP_N: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+                 SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Visit every key chunk a query tile sees in one branch (K, V, Sel at its kv head)."""
+    if BRANCH == 0:  # slc: the selected blocks of each selection tile the query tile overlaps
         for sel_tile in range(tile_start // SELECT_Q_BLOCK, tile_last // SELECT_Q_BLOCK + 1):
             sel_row = seq_start + tl.maximum(sel_tile * SELECT_Q_BLOCK, tile_start)
             in_tile = row_ok & (rows // SELECT_Q_BLOCK == sel_tile)
@@ -215,8 +191,7 @@ def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList,
                     visible = in_tile[:, None] & col_ok[None, :]
                     if CAUSAL:
                         visible = visible & (cols[None, :] <= rows[:, None])
-                    acc, m_i, l_i = _query_step(acc, m_i, l_i, q, do, lse2, delta, gate, k, v,
-                                                visible, qk_scale, BACKWARD, PRECISION)
+                    acc, m_i, l_i = _query_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION)
     elif BRANCH == 1:  # jrn: the sequence's anchors (causal: those up to the tile's last query)
         first = tl.load(AnchorPrefix + seq_start)
         if CAUSAL:
@@ -232,8 +207,7 @@ def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList,
             visible = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
                 visible = visible & ((token - seq_start)[None, :] <= rows[:, None])
-            acc, m_i, l_i = _query_step(acc, m_i, l_i, q, do, lse2, delta, gate, k, v,
-                                        visible, qk_scale, BACKWARD, PRECISION)
+            acc, m_i, l_i = _query_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION)
     else:  # win: t - w < s <= t (causal) or |t - s| < w
         lo = tl.maximum(tile_start - WINDOW + 1, 0)
         if CAUSAL:
@@ -251,8 +225,7 @@ def _walk_branch(acc, m_i, l_i, q, do, lse2, delta, gate, K, V, Sel, AnchorList,
                 visible = visible & (offset >= 0)
             else:
                 visible = visible & (offset > -WINDOW)
-            acc, m_i, l_i = _query_step(acc, m_i, l_i, q, do, lse2, delta, gate, k, v,
-                                        visible, qk_scale, BACKWARD, PRECISION)
+            acc, m_i, l_i = _query_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION)
     return acc, m_i, l_i
 
 
@@ -266,17 +239,15 @@ def _head_rows(base, rows, heads, row_ok, stride_t, stride_h, offs, offs_ok, str
 @triton.jit
 def _query_major_tile(
     tile, kv_head, Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens, TileSeq, TileStart,
-    Out, Lse, Branches, DO, Delta, DGates, OCmp, KCmp, VCmp, CuCmp, LseCmp,
+    Out, Lse, Branches, DO, Delta, DGates, OCmp,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
     stride_st, stride_sh, stride_sn, stride_ot, stride_oh, stride_od,
-    stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc,
-    stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
-    total_tokens, num_heads, qk_scale, sm_scale,
+    stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc, stride_oct, stride_och,
+    total_tokens, num_heads, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
     TOP_N: tl.constexpr, SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
-    CAUSAL: tl.constexpr, BACKWARD: tl.constexpr, STORE_BRANCHES: tl.constexpr,
-    WITH_CMP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    CAUSAL: tl.constexpr, BACKWARD: tl.constexpr, STORE_BRANCHES: tl.constexpr, WITH_CMP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -284,11 +255,11 @@ def _query_major_tile(
     do) for every query head of kv head `kv_head`: the tile's rows are (token, head) pairs, token
     major, GROUP_PAD slots per token of which GROUP are heads, so each key chunk is loaded once for
     the whole group (which shares the selection too), and a row's keys are those of its token.
-    Forward: Out = gated output, Lse, Branches. BACKWARD: dq (Out), Delta and DGates of the three
-    branches (DGates channels 1..3 with WITH_CMP, 0..2 without).
-    WITH_CMP, forward: Out also gets the gated cmp output g_cmp * OCmp (gate channel 0);
-    backward: the cmp branch's gate gradient rowsum(dout * OCmp) goes to DGates channel 0, and dq
-    takes the branch's part (compressed keys KCmp/VCmp of contiguous rows, its LseCmp (T_total, H)).
+    Forward: Out = gated output, Lse, Branches; WITH_CMP, Out also gets the gated cmp output
+    g_cmp * OCmp (gate channel 0). BACKWARD: no keys, only each branch's gate gradient
+    rowsum(dout * o_b) into DGates (channels 1..3 with WITH_CMP, 0..2 without; with WITH_CMP the
+    cmp branch's, from OCmp, into channel 0) and its softmax delta g_b * d(g_b) into Delta, which
+    the key-major programs read.
     """
     seq, seq_start, length, tile_start = tile_bounds(TileSeq, TileStart, CuSeqlens, tile)
     if seq < 0:
@@ -304,102 +275,79 @@ def _query_major_tile(
     d_ok = offs_d < HEAD_DIM
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < VALUE_DIM
+    gate_rows = rows_global * stride_gt + h * stride_gh
+
+    if BACKWARD:
+        ptrs, mask = _head_rows(DO, rows_global, h, row_ok, stride_dot, stride_doh, offs_dv, dv_ok, stride_dod)
+        do = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        dgate_rows = rows_global * stride_dgt + h * stride_dgh
+        for branch in tl.static_range(3):
+            branch_rows = ((branch * total_tokens + rows_global) * num_heads + h) * VALUE_DIM
+            o_branch = tl.load(Branches + branch_rows[:, None] + offs_dv[None, :],
+                               mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+            dgate = tl.sum(do * o_branch, 1)
+            gate = tl.load(G + gate_rows + (1 + branch) * stride_gc, mask=row_ok, other=0.0).to(tl.float32)
+            tl.store(DGates + dgate_rows + (branch + WITH_CMP) * stride_dgc, dgate.to(DGates.dtype.element_ty),
+                     mask=row_ok)
+            tl.store(Delta + (branch * num_heads + h).to(tl.int64) * total_tokens + rows_global, gate * dgate,
+                     mask=row_ok)
+        if WITH_CMP:
+            ptrs, mask = _head_rows(OCmp, rows_global, h, row_ok, stride_oct, stride_och, offs_dv, dv_ok, 1)
+            dgate = tl.sum(do * tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), 1)
+            tl.store(DGates + dgate_rows, dgate.to(DGates.dtype.element_ty), mask=row_ok)
+        return
+
     K += kv_head * stride_kh
     V += kv_head * stride_vh
     Sel += kv_head * stride_sh
-    gate_rows = rows_global * stride_gt + h * stride_gh
-
     ptrs, mask = _head_rows(Q, rows_global, h, row_ok, stride_qt, stride_qh, offs_d, d_ok, stride_qd)
     q = tl.load(ptrs, mask=mask, other=0.0)
-    if BACKWARD:
-        ptrs, mask = _head_rows(DO, rows_global, h, row_ok, stride_dot, stride_doh, offs_dv, dv_ok, stride_dod)
-        do = tl.load(ptrs, mask=mask, other=0.0)
-        total = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # dq
-    else:
-        do = q
-        total = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)  # gated output
+    total = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)  # gated output
     for branch in tl.static_range(3):
-        stat = (branch * num_heads + h).to(tl.int64) * total_tokens + rows_global
+        acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc, m_i, l_i = _walk_branch(
+            acc, m_i, l_i, q, K, V, Sel, AnchorList, AnchorPrefix,
+            stride_kt, stride_kd, stride_vt, stride_vd, stride_st, stride_sn,
+            seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, offs_dv, dv_ok,
+            qk_scale, branch, CAUSAL, TOP_N, SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW, BLOCK_N, PRECISION)
+        seen = l_i > 0.0
+        l_safe = tl.where(seen, l_i, 1.0)
+        o_branch = acc / l_safe[:, None]
+        tl.store(Lse + (branch * num_heads + h).to(tl.int64) * total_tokens + rows_global,
+                 tl.where(seen, (m_i + tl.log2(l_safe)) / LOG2E, float("inf")), mask=row_ok)
+        if STORE_BRANCHES:
+            # Tile-sized pointers and masks are formed where used: live across a walk they spill.
+            branch_rows = ((branch * total_tokens + rows_global) * num_heads + h) * VALUE_DIM
+            tl.store(Branches + branch_rows[:, None] + offs_dv[None, :],
+                     o_branch.to(Branches.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
         gate = tl.load(G + gate_rows + (1 + branch) * stride_gc, mask=row_ok, other=0.0).to(tl.float32)
-        # Tile-sized pointers and masks are formed where used: live across a walk they spill.
-        branch_rows = ((branch * total_tokens + rows_global) * num_heads + h) * VALUE_DIM
-        if BACKWARD:
-            o_branch = tl.load(Branches + branch_rows[:, None] + offs_dv[None, :],
-                               mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
-            dgate = tl.sum(do.to(tl.float32) * o_branch, 1)
-            delta = gate * dgate
-            tl.store(DGates + rows_global * stride_dgt + h * stride_dgh + (branch + WITH_CMP) * stride_dgc,
-                     dgate.to(DGates.dtype.element_ty), mask=row_ok)
-            tl.store(Delta + stat, delta, mask=row_ok)
-            lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
-            total, _, _ = _walk_branch(
-                total, lse2, lse2, q, do, lse2, delta, gate, K, V, Sel, AnchorList, AnchorPrefix,
-                stride_kt, stride_kd, stride_vt, stride_vd, stride_st, stride_sn,
-                seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, offs_dv, dv_ok,
-                qk_scale, branch, BACKWARD, CAUSAL, TOP_N, SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW,
-                BLOCK_N, PRECISION)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-            m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            acc, m_i, l_i = _walk_branch(
-                acc, m_i, l_i, q, do, m_i, l_i, gate, K, V, Sel, AnchorList, AnchorPrefix,
-                stride_kt, stride_kd, stride_vt, stride_vd, stride_st, stride_sn,
-                seq_start, length, tile_start, tile_last, rows, row_ok, offs_d, d_ok, offs_dv, dv_ok,
-                qk_scale, branch, BACKWARD, CAUSAL, TOP_N, SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW,
-                BLOCK_N, PRECISION)
-            seen = l_i > 0.0
-            l_safe = tl.where(seen, l_i, 1.0)
-            o_branch = acc / l_safe[:, None]
-            tl.store(Lse + stat, tl.where(seen, (m_i + tl.log2(l_safe)) / LOG2E, float("inf")),
-                     mask=row_ok)
-            if STORE_BRANCHES:
-                tl.store(Branches + branch_rows[:, None] + offs_dv[None, :],
-                         o_branch.to(Branches.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-            total += gate[:, None] * o_branch
-    if WITH_CMP and not BACKWARD:
+        total += gate[:, None] * o_branch
+    if WITH_CMP:
         gate = tl.load(G + gate_rows, mask=row_ok, other=0.0).to(tl.float32)
         ptrs, mask = _head_rows(OCmp, rows_global, h, row_ok, stride_oct, stride_och, offs_dv, dv_ok, 1)
         total += gate[:, None] * tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    if WITH_CMP and BACKWARD:
-        cmp_bos = tl.load(CuCmp + seq).to(tl.int64)
-        num_cmp = tl.load(CuCmp + seq + 1).to(tl.int32) - cmp_bos.to(tl.int32)
-        stat = rows_global * stride_lct + h * stride_lch
-        gate = tl.load(G + gate_rows, mask=row_ok, other=0.0).to(tl.float32)
-        lse2 = tl.load(LseCmp + stat, mask=row_ok, other=float("inf")) * LOG2E
-        ptrs, mask = _head_rows(OCmp, rows_global, h, row_ok, stride_oct, stride_och, offs_dv, dv_ok, 1)
-        dgate = tl.sum(do.to(tl.float32) * tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), 1)
-        delta = gate * dgate
-        tl.store(DGates + rows_global * stride_dgt + h * stride_dgh, dgate.to(DGates.dtype.element_ty), mask=row_ok)
-        total, _, _ = _walk_branch(
-            total, lse2, lse2, q, do, lse2, delta, gate, KCmp + cmp_bos * stride_kct + kv_head * stride_kch,
-            VCmp + cmp_bos * stride_vct + kv_head * stride_vch, Sel, AnchorList, AnchorPrefix,
-            stride_kct, 1, stride_vct, 1, stride_st, stride_sn,
-            seq_start, num_cmp, tile_start, tile_last, rows, row_ok, offs_d, d_ok, offs_dv, dv_ok,
-            qk_scale, 3, BACKWARD, CAUSAL, TOP_N, SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW,
-            BLOCK_N, PRECISION, CMP_BLOCK, CMP_STRIDE)
-    if BACKWARD:
-        total *= sm_scale
-        ptrs, mask = _head_rows(Out, rows_global, h, row_ok, stride_ot, stride_oh, offs_d, d_ok, stride_od)
-    else:
-        ptrs, mask = _head_rows(Out, rows_global, h, row_ok, stride_ot, stride_oh, offs_dv, dv_ok, stride_od)
+    ptrs, mask = _head_rows(Out, rows_global, h, row_ok, stride_ot, stride_oh, offs_dv, dv_ok, stride_od)
     tl.store(ptrs, total.to(Out.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Key-major backward: dk, dv
+# Key-major backward: dk, dv, and dq by atomic adds
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, rows, row_ok, stride_st, stride_ot,
-              offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot, stride_dod, stride_gt,
-              qk_scale, DELTA_FROM_O: tl.constexpr, PRECISION: tl.constexpr):
-    """dk, dv of a key chunk from one chunk of query rows (global `rows`) of one head and branch:
-    Q, DO at the head; Lse at its statistics (row r at r * stride_st); G at its gate channel;
-    Delta at its stored softmax delta (like Lse), or with DELTA_FROM_O at the branch's output O
-    (row r at r * stride_ot, unit column stride), from which delta = gate * rowsum(dout * O) is
-    computed here."""
+def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, DQ, rows, row_ok, stride_st, stride_ot,
+              offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot, stride_dod, stride_gt, stride_dqt,
+              qk_scale, sm_scale, DELTA_FROM_O: tl.constexpr, PRECISION: tl.constexpr):
+    """dk, dv of a key chunk from one chunk of query rows (global `rows`) of one head and branch,
+    and those rows' dq share from the chunk, added atomically to DQ (fp32, at the head; row r at
+    r * stride_dqt, unit column stride): FlashAttention-2's five tile products, where a separate
+    dq walk would recompute the scores and dP (seven). Q, DO at the head; Lse at its statistics
+    (row r at r * stride_st); G at its gate channel; Delta at its stored softmax delta (like Lse),
+    or with DELTA_FROM_O at the branch's output O (row r at r * stride_ot, unit column stride),
+    from which delta = gate * rowsum(dout * O) is computed here."""
     q = _load_rows(Q, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
     do = _load_rows(DO, rows, row_ok, stride_dot, offs_dv, dv_ok, stride_dod)
     stat = rows.to(tl.int64) * stride_st
@@ -416,26 +364,30 @@ def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, rows, row_ok, stride_
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * gate[:, None]
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+    tl.atomic_add(DQ + rows.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :], dq,
+                  mask=row_ok[:, None] & d_ok[None, :])
     return dk, dv
 
 
 @triton.jit
 def _compact_chunk(
-    chunk, g, Q, K, V, G, DO, Lse, Branches, AnchorList, CuSeqlens, CuAnchor, AnchorChunkSeq, AnchorChunkStart,
+    chunk, g, Q, K, V, G, DO, Lse, Branches, DQ, AnchorList, CuSeqlens, CuAnchor, AnchorChunkSeq, AnchorChunkStart,
     DKAnchor, DVAnchor, KCmp, VCmp, LseCmp, OCmp, CuCmp, CmpChunkSeq, CmpChunkStart, DKCmp, DVCmp,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc, stride_dot, stride_doh, stride_dod,
     stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
-    total_tokens, num_heads, num_kv_heads, anchor_chunks, qk_scale, sm_scale,
+    stride_dqt, stride_dqh, total_tokens, num_heads, num_kv_heads, anchor_chunks, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dk, dv of BLOCK_N compact keys of kv head g that every query of their sequence may see:
-    chunks below `anchor_chunks` take consecutive anchors (the jrn part, stored in fp32 by anchor
-    rank in DKAnchor/DVAnchor for _local_dkdv_kernel to add), the others consecutive compressed
-    blocks (the cmp branch's dk_cmp, dv_cmp, final). Both walk the same query rows with the same
+    """dk, dv of BLOCK_N compact keys of kv head g that every query of their sequence may see, and
+    the branch's dq share (atomically into DQ): chunks below `anchor_chunks` take consecutive
+    anchors (the jrn part, stored in fp32 by anchor rank in DKAnchor/DVAnchor for
+    _local_dkdv_kernel to add), the others consecutive compressed blocks (the cmp branch's dk_cmp,
+    dv_cmp, final). Both walk the same query rows with the same
     step and differ only in where keys, row statistics and the branch output live and in the
     causal cut. The softmax delta is computed from the branch output (o_jrn in Branches, OCmp),
     so these chunks need nothing from the query-major walk and run in its launch."""
@@ -485,9 +437,9 @@ def _compact_chunk(
                 visible = visible & (first_row[None, :] <= rows[:, None])
             dk, dv = _key_step(dk, dv, k, v, visible, Q + h * stride_qh, DO + h * stride_doh,
                                lse_base + h * stride_sh, o_base + h * stride_oh,
-                               G + h * stride_gh + channel * stride_gc, seq_start + rows, row_ok, stride_st,
-                               stride_ot, offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot,
-                               stride_dod, stride_gt, qk_scale, True, PRECISION)
+                               G + h * stride_gh + channel * stride_gc, DQ + h * stride_dqh, seq_start + rows,
+                               row_ok, stride_st, stride_ot, offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd,
+                               stride_dot, stride_dod, stride_gt, stride_dqt, qk_scale, sm_scale, True, PRECISION)
     dk = dk * sm_scale
     if is_cmp:
         rows_k = index.to(tl.int64) * stride_kct + g * stride_kch
@@ -505,15 +457,15 @@ def _compact_chunk(
 
 
 @triton.autotune(configs=pipeline_configs(), key=["HEAD_DIM", "VALUE_DIM", "GROUP", "CAUSAL", "tokens_bucket"],
-                 prune_configs_by={"early_config_prune": prune_narrow_warps})
+                 prune_configs_by={"early_config_prune": prune_narrow_warps(widest=32)})
 @triton.jit
 def _local_dkdv_kernel(
     Q, K, V, G, DO, Lse, Delta, AnchorPrefix, CuSeqlens, BlockSeq, BlockStart,
-    InvTiles, InvOffsets, DKAnchor, DVAnchor, DK, DV,
+    InvTiles, InvOffsets, DKAnchor, DVAnchor, DK, DV, DQ,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
     stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkh, stride_dkd,
-    stride_dvt, stride_dvh, stride_dvd,
+    stride_dvt, stride_dvh, stride_dvd, stride_dqt, stride_dqh,
     total_tokens, num_heads, num_kv_heads, qk_scale, sm_scale, tokens_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SELECT_BLOCK: tl.constexpr,
     SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
@@ -522,7 +474,8 @@ def _local_dkdv_kernel(
 ):
     """dk, dv of BLOCK_N keys (chunk of a selection block) of one kv head: slc from the query
     tiles that selected the block, win from the queries within the window, jrn read from
-    DKAnchor/DVAnchor for the anchors among the keys."""
+    DKAnchor/DVAnchor for the anchors among the keys; the slc and win shares of those queries' dq
+    are added atomically to DQ."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     block_id = pid // CHUNKS
@@ -556,6 +509,7 @@ def _local_dkdv_kernel(
         Qh = Q + h * stride_qh
         DOh = DO + h * stride_doh
         Gh = G + h * stride_gh
+        DQh = DQ + h * stride_dqh
         for entry in range(inv_first, inv_last):  # slc
             tile = tl.load(InvTiles + entry)
             q_hi = tl.minimum(tile + SELECT_Q_BLOCK, length)
@@ -570,9 +524,9 @@ def _local_dkdv_kernel(
                 if CAUSAL:
                     visible = visible & (cols[None, :] <= rows[:, None])
                 dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse + h * total_tokens,
-                                   Delta + h * total_tokens, Gh + stride_gc, seq_start + rows, row_ok, 1, 0,
+                                   Delta + h * total_tokens, Gh + stride_gc, DQh, seq_start + rows, row_ok, 1, 0,
                                    offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot,
-                                   stride_dod, stride_gt, qk_scale, False, PRECISION)
+                                   stride_dod, stride_gt, stride_dqt, qk_scale, sm_scale, False, PRECISION)
         for start in range(win_lo, win_hi, BLOCK_M):  # win
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < win_hi
@@ -583,9 +537,10 @@ def _local_dkdv_kernel(
             else:
                 visible = visible & (offset > -WINDOW)
             win = (2 * num_heads + h) * total_tokens  # branch 2 of the (3, H, T) statistics
-            dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse + win, Delta + win, Gh + 3 * stride_gc,
+            dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse + win, Delta + win, Gh + 3 * stride_gc, DQh,
                                seq_start + rows, row_ok, 1, 0, offs_d, d_ok, offs_dv, dv_ok, stride_qt,
-                               stride_qd, stride_dot, stride_dod, stride_gt, qk_scale, False, PRECISION)
+                               stride_qd, stride_dot, stride_dod, stride_gt, stride_dqt, qk_scale, sm_scale, False,
+                               PRECISION)
     rank = tl.load(AnchorPrefix + keys, mask=col_ok, other=0)
     is_anchor = col_ok & (tl.load(AnchorPrefix + keys + 1, mask=col_ok, other=0) > rank)
     anchor_rows = rank.to(tl.int64) * num_kv_heads + g
@@ -601,7 +556,7 @@ def _local_dkdv_kernel(
 
 @triton.autotune(configs=pipeline_configs(),
                  key=["HEAD_DIM", "VALUE_DIM", "GROUP", "CAUSAL", "BACKWARD", "WITH_CMP", "tokens_bucket"],
-                 prune_configs_by={"early_config_prune": prune_narrow_warps})
+                 prune_configs_by={"early_config_prune": prune_narrow_warps()})
 @triton.jit
 def _sparse_kernel(
     Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens, TileSeq, TileStart,
@@ -623,34 +578,33 @@ def _sparse_kernel(
 ):
     """One launch, a 1-D grid: programs below query_tiles * num_kv_heads are (query tile, kv head)
     of the query-major walk (_query_major_tile, the group's heads packed into the tile's rows: the
-    forward, or dq in the backward); with BACKWARD, the rest are (compact chunk, kv head) of
-    _compact_chunk. The two sets read only what the forward left, so they share the launch, and the
-    few compact programs fill the GPU beside the walk instead of running alone in a launch of their
-    own."""
+    forward, or the gates' gradients and deltas in the backward); with BACKWARD, the rest are
+    (compact chunk, kv head) of _compact_chunk, and Out is the fp32 dq they add to. The two sets
+    read only what the forward left, so they share the launch, and the few compact programs fill
+    the GPU beside the walk instead of running alone in a launch of their own."""
     pid = tl.program_id(0)
     walk_programs = query_tiles * num_kv_heads
     if pid < walk_programs:
         _query_major_tile(
             pid % query_tiles, pid // query_tiles, Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens,
-            TileSeq, TileStart, Out, Lse, Branches, DO, Delta, DGates, OCmp, KCmp, VCmp, CuCmp, LseCmp,
+            TileSeq, TileStart, Out, Lse, Branches, DO, Delta, DGates, OCmp,
             stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
             stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
             stride_st, stride_sh, stride_sn, stride_ot, stride_oh, stride_od,
-            stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc,
-            stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
-            total_tokens, num_heads, qk_scale, sm_scale, GROUP, GROUP_PAD, HEAD_DIM, VALUE_DIM, TOP_N,
-            SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW, CAUSAL, BACKWARD, STORE_BRANCHES, WITH_CMP, CMP_BLOCK,
-            CMP_STRIDE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+            stride_dot, stride_doh, stride_dod, stride_dgt, stride_dgh, stride_dgc, stride_oct, stride_och,
+            total_tokens, num_heads, qk_scale, GROUP, GROUP_PAD, HEAD_DIM, VALUE_DIM, TOP_N,
+            SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW, CAUSAL, BACKWARD, STORE_BRANCHES, WITH_CMP,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     elif BACKWARD:
         compact = pid - walk_programs
         _compact_chunk(
-            compact % compact_chunks, compact // compact_chunks, Q, K, V, G, DO, Lse, Branches, AnchorList,
+            compact % compact_chunks, compact // compact_chunks, Q, K, V, G, DO, Lse, Branches, Out, AnchorList,
             CuSeqlens, CuAnchor, AnchorChunkSeq, AnchorChunkStart, DKAnchor, DVAnchor, KCmp, VCmp, LseCmp,
             OCmp, CuCmp, CmpChunkSeq, CmpChunkStart, DKCmp, DVCmp,
             stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
             stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc, stride_dot, stride_doh, stride_dod,
             stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
-            total_tokens, num_heads, num_kv_heads, anchor_chunks, qk_scale, sm_scale,
+            stride_ot, stride_oh, total_tokens, num_heads, num_kv_heads, anchor_chunks, qk_scale, sm_scale,
             GROUP, HEAD_DIM, VALUE_DIM, CAUSAL, CMP_BLOCK, CMP_STRIDE, DKV_BLOCK_M, DKV_BLOCK_N, BLOCK_D,
             BLOCK_DV, PRECISION)
 
@@ -663,10 +617,11 @@ def _sparse_kernel(
 def _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, out, lse, branches,
             dout=None, delta=None, dgates=None, o_cmp=None, cmp=None, compact=None):
     """One _sparse_kernel launch over the plan's query tiles and anchors. Forward: out, lse, branches
-    (or None); o_cmp adds the gated cmp output. Backward (dout given): dq into out, delta, dgates;
-    cmp = (k_cmp, v_cmp, cu_cmp, lse_cmp) with o_cmp adds the cmp branch's dq and gate gradient;
-    compact (a dict of the outputs dk_anchor, dv_anchor, dk_cmp, dv_cmp) adds the compact-key
-    programs over the plan's anchor chunks and, with cmp, its compressed-row chunks."""
+    (or None); o_cmp adds the gated cmp output. Backward (dout given): delta, dgates, and out is the
+    fp32 dq (zeros) the compact programs add to; o_cmp adds the cmp branch's gate gradient and
+    cmp = (k_cmp, v_cmp, cu_cmp, lse_cmp) its compressed keys; compact (a dict of the outputs
+    dk_anchor, dv_anchor, dk_cmp, dv_cmp) adds the compact-key programs over the plan's anchor
+    chunks and, with cmp, its compressed-row chunks."""
     total, heads, dim = q.shape
     kv_heads = k.shape[1]
     backward = dout is not None
@@ -756,7 +711,8 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     kv_heads, value_dim = k.shape[1], v.shape[-1]
     geometry = launch_geometry(config, dim, block_m, block_n, value_dim, heads // k.shape[1])
     block_n = geometry["dkv_block_n"]  # keys per program of the key-major work
-    dq = empty(q.shape, q.dtype, q.device)
+    # fp32, zeros: every key-major program adds its share of dq (atomically).
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
     dgates = empty((total, heads, NUM_BRANCHES + (cmp is not None)), gates.dtype, gates.device)
@@ -767,11 +723,11 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
         # Zeros: k_cmp / v_cmp may end in padding rows (past cu_cmp[-1]) that no program owns.
         dk_cmp, dv_cmp = torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
     if total == 0:
-        return dq, dk, dv, dgates, dk_cmp, dv_cmp
+        return dq.to(q.dtype), dk, dv, dgates, dk_cmp, dv_cmp
     plan = _plan(plan, anchor_mask, cu_seqlens, cu_cmp, 0 if cmp is None else k_cmp.shape[0], config, geometry)
     delta = empty((NUM_BRANCHES, heads, total), torch.float32, q.device)
     # Compact keys: anchor chunks (the jrn part of dk/dv, fp32, by anchor rank; rows past the anchor
-    # count stay unwritten) and compressed-block chunks (dk_cmp, dv_cmp), in the dq walk's launch.
+    # count stay unwritten) and compressed-block chunks (dk_cmp, dv_cmp), in the walk's launch.
     dk_anchor = empty((total, kv_heads, dim), torch.float32, q.device)
     dv_anchor = empty((total, kv_heads, value_dim), torch.float32, q.device)
     compact = dict(dk_anchor=dk_anchor, dv_anchor=dv_anchor,
@@ -786,11 +742,11 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     chunks = -(-config.select_block // block_n)
     _local_dkdv_kernel[(num_blocks * chunks, kv_heads)](
         q, k, v, gates, dout, lse, delta, plan.anchor_prefix, cu_seqlens, plan.key_block_seq, plan.key_block_start,
-        inv_tiles, inv_offsets, dk_anchor, dv_anchor, dk, dv,
+        inv_tiles, inv_offsets, dk_anchor, dv_anchor, dk, dv, dq,
         *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5, size_bucket(total),
+        dq.stride(0), dq.stride(1), total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5, size_bucket(total),
         GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=value_dim, SELECT_BLOCK=config.select_block,
         SELECT_Q_BLOCK=config.select_q_block, WINDOW=config.window, CAUSAL=config.causal, CHUNKS=chunks,
         BLOCK_M=geometry["dkv_block_m"], BLOCK_N=block_n, BLOCK_D=geometry["block_d"],
         BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype))
-    return dq, dk, dv, dgates, dk_cmp, dv_cmp
+    return dq.to(q.dtype), dk, dv, dgates, dk_cmp, dv_cmp
