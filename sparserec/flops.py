@@ -255,8 +255,9 @@ def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors,
     query_chunks = kv_heads * int(per_tile.sum()) + per_kv_head
 
     # Key-major (dk, dv, dq), key_n keys a program: anchor chunks x the query rows that may see them,
-    # compact_m rows a step; per key chunk of each selection block, the rows of its window and of
-    # the query tiles that selected the block, key_m rows a step.
+    # compact_m rows a step; per key chunk of each selection block, the rows of its window (slc and
+    # win merged there) and those of the query tiles that selected the block outside the window's
+    # rows, key_m rows a step.
     anchor_first = anchors[::key_n] if causal else torch.zeros_like(anchors[::key_n])
     anchor_rows = heads * int(_steps(anchor_first, n, t["compact_m"]).sum())
     key_lo = torch.arange(0, n, sel_block)[:, None] + torch.arange(0, sel_block, key_n)
@@ -269,7 +270,10 @@ def _sparse_flops(n: int, config: JSAConfig, heads: int, kv_heads: int, anchors,
     key_lo = picked * sel_block + torch.arange(0, sel_block, key_n)
     key_hi = torch.minimum(torch.clamp(key_lo + key_n, max=n), (picked + 1) * sel_block)
     first = tiles[:, None, None, None]
-    slc_rows = _steps(torch.maximum(first, key_lo) if causal else first, torch.clamp(first + q_tile, max=n), key_m)
+    q_lo, q_hi = torch.maximum(first, key_lo) if causal else first, torch.clamp(first + q_tile, max=n)
+    win_lo = key_lo if causal else torch.clamp(key_lo - window + 1, min=0)
+    win_hi = torch.clamp(key_hi - 1 + window, max=n)
+    slc_rows = _steps(q_lo, torch.minimum(q_hi, win_lo), key_m) + _steps(torch.maximum(q_lo, win_hi), q_hi, key_m)
     key_rows += group * int(torch.where((picked >= 0) & (key_lo < key_hi), slc_rows, 0).sum())
     key_product = _matmul(key_m, key_n, t["sparse_d"])
     anchor_product = _matmul(t["compact_m"], key_n, t["sparse_d"])

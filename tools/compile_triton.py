@@ -295,6 +295,12 @@ def cases(quick: bool, full: bool, fp32_attention: bool):
     return COVERING_CASES + extra
 
 
+def _dims(text: str):
+    """'64' -> 64; '32v48' -> (32, 48): key width, value width."""
+    key, _, value = text.partition("v")
+    return (int(key), int(value)) if value else int(key)
+
+
 def print_table(builds):
     header = (f"{'kernel':<20} {'first case':<26} {'config':<46} {'regs':>4} {'spill':>5} {'smem':>7} "
               f"{'wgmma':>5}  status")
@@ -316,7 +322,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fp32-attention", action="store_true",
                         help="also build the attention kernels in fp32 (known to spill; see COVERING_CASES)")
     parser.add_argument("--case", action="append", default=[],
-                        help="only this case, as 'config heads dim dtype mode' (e.g. 'grace gqa 128 fp32 causal')")
+                        help="only this case, as 'config heads dim dtype mode' (e.g. 'grace gqa 128 fp32 causal'; "
+                             "a value width after a v: 'grace mha 32v48 fp16 bidir')")
     parser.add_argument("--only", action="append", default=[], help="only kernels whose name contains this")
     parser.add_argument("-j", "--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="compile cases in this many processes (default: 2 or fewer)")
@@ -324,7 +331,7 @@ def main(argv=None) -> int:
     started = time.time()
     todo = cases(args.quick, args.full, args.fp32_attention)
     if args.case:
-        todo = [(c, h, int(d), t, m == "causal", "") for c, h, d, t, m in (case.split() for case in args.case)]
+        todo = [(c, h, _dims(d), t, m == "causal", "") for c, h, d, t, m in (case.split() for case in args.case)]
     builds = {}
     if args.jobs > 1 and len(todo) > 1:
         context = multiprocessing.get_context("spawn")

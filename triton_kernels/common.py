@@ -19,7 +19,7 @@ launch stays capturable in a CUDA graph and traceable by torch.compile):
                                       (sequence-local); tile_seq == -1 marks a spare program
   dot_precision(dtype)                "ieee" for fp32/fp64 (tl.dot would round fp32 to tf32), else "tf32"
   launch_configs(configs)             an autotune list; only its first entry under the interpreter
-  pipeline_configs(), prune_narrow_warps(widest)
+  pipeline_configs(max_stages), prune_narrow_warps(widest)
                                       autotune candidates of warps and pipeline depth only (tile
                                       sizes stay fixed: the batch plan and the FLOP count follow them),
                                       and a pruner keeping 8 warps above head dim `widest`
@@ -123,11 +123,12 @@ def launch_configs(configs):
     return configs[:1] if interpreting() else configs
 
 
-def pipeline_configs():
+def pipeline_configs(max_stages: int = 3):
     """Candidates that change only warps and pipeline stages, never a tile size: the batch plan's
     tile maps and sparserec.flops follow the tiles, so those stay fixed per head dim. (4 warps with
     3 stages spilled in the backward kernels at head dim 64.)"""
-    return launch_configs([triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (8, 3))])
+    return launch_configs([triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (8, 3))
+                           if s <= max_stages])
 
 
 def prune_narrow_warps(widest: int = 64):

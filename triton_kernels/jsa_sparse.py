@@ -98,7 +98,10 @@ def launch_geometry(config, head_dim: int, block_m=None, block_n=None, value_dim
     # The key-major kernels also hold fp32 dk, dv: 64-key chunks spilled at head dim 64 (4 and 8
     # warps), 64-row query steps at head dim 128 (8 warps).
     dkv_block_n = block_n if width <= 32 else min(block_n, 32)
-    dkv_block_m = head_rows if width <= 64 else min(head_rows, 32)
+    # Unequal padded widths (extra value columns) put the scores and dP in different MMA layouts;
+    # converting between them at 64 rows spilled too.
+    dkv_block_m = head_rows if width <= 64 and next_power_of_2(head_dim) == next_power_of_2(value_dim) \
+        else min(head_rows, 32)
     # The compact-key programs share a launch with the query-major walk, so one kernel holds both
     # paths' registers; they also load each step's branch output for delta. Halved query steps
     # kept every GQA build of that kernel free of spills (16 is tl.dot's smallest).
@@ -371,6 +374,49 @@ def _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, DQ, rows, row_ok, str
 
 
 @triton.jit
+def _merged_key_step(dk, dv, k, v, cols, col_ok, chosen, Q, DO, Lse, Delta, G, DQ, seq_start, rows, row_ok,
+                     offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot, stride_dod, stride_gt,
+                     stride_gc, stride_dqt, total_tokens, num_heads, qk_scale, sm_scale, WINDOW: tl.constexpr,
+                     CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """_key_step for the slc and win branches of one head at once, over sequence-local `rows` that
+    may see the keys `cols` through either (slc where `chosen`: the row's tile selected them): the
+    scores and dP are formed once, and
+    dS = P_slc (g_slc dP - delta_slc) + P_win (g_win dP - delta_win), dV = sum_b (g_b P_b)^T dO.
+    Lse, Delta at the head's slc statistics ((3, H, T): win's lie 2H rows further); G at the head.
+    The masks are formed after the products (live across them, they spilled)."""
+    tokens = seq_start + rows
+    q = _load_rows(Q, tokens, row_ok, stride_qt, offs_d, d_ok, stride_qd)
+    do = _load_rows(DO, tokens, row_ok, stride_dot, offs_dv, dv_ok, stride_dod)
+    stat = tokens.to(tl.int64)
+    win = 2 * num_heads * total_tokens
+    gate_rows = tokens.to(tl.int64) * stride_gt
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    offset = rows[:, None] - cols[None, :]
+    visible = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        visible = visible & (offset >= 0)
+    lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
+    gate = tl.load(G + gate_rows + stride_gc, mask=row_ok, other=0.0).to(tl.float32)
+    p = tl.where(visible & chosen[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+    ds = p * (dp * gate[:, None] - tl.load(Delta + stat, mask=row_ok, other=0.0)[:, None])
+    p *= gate[:, None]
+    lse2 = tl.load(Lse + win + stat, mask=row_ok, other=float("inf")) * LOG2E
+    gate = tl.load(G + gate_rows + 3 * stride_gc, mask=row_ok, other=0.0).to(tl.float32)
+    visible = visible & (offset < WINDOW)
+    if not CAUSAL:
+        visible = visible & (offset > -WINDOW)
+    p_win = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+    ds += p_win * (dp * gate[:, None] - tl.load(Delta + win + stat, mask=row_ok, other=0.0)[:, None])
+    p += p_win * gate[:, None]
+    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+    tl.atomic_add(DQ + stat[:, None] * stride_dqt + offs_d[None, :], dq, mask=row_ok[:, None] & d_ok[None, :])
+    return dk, dv
+
+
+@triton.jit
 def _compact_chunk(
     chunk, g, Q, K, V, G, DO, Lse, Branches, DQ, AnchorList, CuSeqlens, CuAnchor, AnchorChunkSeq, AnchorChunkStart,
     DKAnchor, DVAnchor, KCmp, VCmp, LseCmp, OCmp, CuCmp, CmpChunkSeq, CmpChunkStart, DKCmp, DVCmp,
@@ -456,26 +502,29 @@ def _compact_chunk(
                  mask=col_ok[:, None] & dv_ok[None, :])
 
 
-@triton.autotune(configs=pipeline_configs(), key=["HEAD_DIM", "VALUE_DIM", "GROUP", "CAUSAL", "tokens_bucket"],
+# Two pipeline stages at most: with the merged slc/win step, three spilled at head dim 64 (GQA).
+@triton.autotune(configs=pipeline_configs(max_stages=2), key=["HEAD_DIM", "VALUE_DIM", "GROUP", "CAUSAL", "tokens_bucket"],
                  prune_configs_by={"early_config_prune": prune_narrow_warps(widest=32)})
 @triton.jit
 def _local_dkdv_kernel(
-    Q, K, V, G, DO, Lse, Delta, AnchorPrefix, CuSeqlens, BlockSeq, BlockStart,
+    Q, K, V, G, DO, Lse, Delta, Sel, AnchorPrefix, CuSeqlens, BlockSeq, BlockStart,
     InvTiles, InvOffsets, DKAnchor, DVAnchor, DK, DV, DQ,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
+    stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc, stride_st, stride_sh, stride_sn,
     stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkh, stride_dkd,
     stride_dvt, stride_dvh, stride_dvd, stride_dqt, stride_dqh,
     total_tokens, num_heads, num_kv_heads, qk_scale, sm_scale, tokens_bucket,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SELECT_BLOCK: tl.constexpr,
-    SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, TOP_N: tl.constexpr,
+    SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
     CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dk, dv of BLOCK_N keys (chunk of a selection block) of one kv head: slc from the query
     tiles that selected the block, win from the queries within the window, jrn read from
     DKAnchor/DVAnchor for the anchors among the keys; the slc and win shares of those queries' dq
-    are added atomically to DQ."""
+    are added atomically to DQ. Rows that may see the keys through both slc and win (the window's
+    rows whose selection tile chose this block: often, as recent blocks are often selected) take
+    one merged step, so their scores and dP are formed once."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     block_id = pid // CHUNKS
@@ -504,43 +553,50 @@ def _local_dkdv_kernel(
     else:
         win_lo = tl.maximum(key_lo - WINDOW + 1, 0)
     win_hi = tl.minimum(key_hi - 1 + WINDOW, length)
+    block = block_start // SELECT_BLOCK  # sequence-local, as the selection names it
+    Sel += g * stride_sh
     for head in range(GROUP):
         h = g * GROUP + head
         Qh = Q + h * stride_qh
         DOh = DO + h * stride_doh
         Gh = G + h * stride_gh
         DQh = DQ + h * stride_dqh
-        for entry in range(inv_first, inv_last):  # slc
+        for entry in range(inv_first, inv_last):  # slc only: the selecting tiles' rows outside the window's
             tile = tl.load(InvTiles + entry)
             q_hi = tl.minimum(tile + SELECT_Q_BLOCK, length)
             if CAUSAL:
                 q_lo = tl.maximum(tile, key_lo)
             else:
                 q_lo = tile
-            for start in range(q_lo, q_hi, BLOCK_M):
-                rows = start + tl.arange(0, BLOCK_M)
-                row_ok = rows < q_hi
-                visible = row_ok[:, None] & col_ok[None, :]
-                if CAUSAL:
-                    visible = visible & (cols[None, :] <= rows[:, None])
-                dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse + h * total_tokens,
-                                   Delta + h * total_tokens, Gh + stride_gc, DQh, seq_start + rows, row_ok, 1, 0,
-                                   offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot,
-                                   stride_dod, stride_gt, stride_dqt, qk_scale, sm_scale, False, PRECISION)
-        for start in range(win_lo, win_hi, BLOCK_M):  # win
+            for part in tl.static_range(2):  # the rows before win_lo, then those from win_hi on
+                if part == 0:
+                    lo = q_lo
+                    hi = tl.minimum(q_hi, win_lo)
+                else:
+                    lo = tl.maximum(q_lo, win_hi)
+                    hi = q_hi
+                for start in range(lo, hi, BLOCK_M):
+                    rows = start + tl.arange(0, BLOCK_M)
+                    row_ok = rows < hi
+                    visible = row_ok[:, None] & col_ok[None, :]
+                    if CAUSAL:
+                        visible = visible & (cols[None, :] <= rows[:, None])
+                    dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse + h * total_tokens,
+                                       Delta + h * total_tokens, Gh + stride_gc, DQh, seq_start + rows, row_ok, 1,
+                                       0, offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot,
+                                       stride_dod, stride_gt, stride_dqt, qk_scale, sm_scale, False, PRECISION)
+        for start in range(win_lo, win_hi, BLOCK_M):  # win, merged with slc where the row's tile chose the block
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < win_hi
-            offset = rows[:, None] - cols[None, :]
-            visible = row_ok[:, None] & col_ok[None, :] & (offset < WINDOW)
-            if CAUSAL:
-                visible = visible & (offset >= 0)
-            else:
-                visible = visible & (offset > -WINDOW)
-            win = (2 * num_heads + h) * total_tokens  # branch 2 of the (3, H, T) statistics
-            dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse + win, Delta + win, Gh + 3 * stride_gc, DQh,
-                               seq_start + rows, row_ok, 1, 0, offs_d, d_ok, offs_dv, dv_ok, stride_qt,
-                               stride_qd, stride_dot, stride_dod, stride_gt, stride_dqt, qk_scale, sm_scale, False,
-                               PRECISION)
+            sel_rows = (seq_start + rows).to(tl.int64) * stride_st  # every token holds its tile's selection
+            chosen = tl.zeros((BLOCK_M,), dtype=tl.int1)
+            for slot in tl.static_range(TOP_N):
+                chosen = chosen | (tl.load(Sel + sel_rows + slot * stride_sn, mask=row_ok, other=-1) == block)
+            dk, dv = _merged_key_step(dk, dv, k, v, cols, col_ok, chosen, Qh, DOh, Lse + h * total_tokens,
+                                      Delta + h * total_tokens, Gh, DQh, seq_start, rows, row_ok, offs_d, d_ok,
+                                      offs_dv, dv_ok, stride_qt, stride_qd, stride_dot, stride_dod, stride_gt,
+                                      stride_gc, stride_dqt, total_tokens, num_heads, qk_scale, sm_scale, WINDOW,
+                                      CAUSAL, PRECISION)
     rank = tl.load(AnchorPrefix + keys, mask=col_ok, other=0)
     is_anchor = col_ok & (tl.load(AnchorPrefix + keys + 1, mask=col_ok, other=0) > rank)
     anchor_rows = rank.to(tl.int64) * num_kv_heads + g
@@ -741,11 +797,12 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
                                                 plan.select_tile_start)
     chunks = -(-config.select_block // block_n)
     _local_dkdv_kernel[(num_blocks * chunks, kv_heads)](
-        q, k, v, gates, dout, lse, delta, plan.anchor_prefix, cu_seqlens, plan.key_block_seq, plan.key_block_start,
-        inv_tiles, inv_offsets, dk_anchor, dv_anchor, dk, dv, dq,
-        *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        dq.stride(0), dq.stride(1), total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5, size_bucket(total),
-        GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=value_dim, SELECT_BLOCK=config.select_block,
+        q, k, v, gates, dout, lse, delta, selection, plan.anchor_prefix, cu_seqlens, plan.key_block_seq,
+        plan.key_block_start, inv_tiles, inv_offsets, dk_anchor, dv_anchor, dk, dv, dq,
+        *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *selection.stride(), *dout.stride(), *dk.stride(),
+        *dv.stride(), dq.stride(0), dq.stride(1), total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5,
+        size_bucket(total), GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=value_dim, TOP_N=config.top_n,
+        SELECT_BLOCK=config.select_block,
         SELECT_Q_BLOCK=config.select_q_block, WINDOW=config.window, CAUSAL=config.causal, CHUNKS=chunks,
         BLOCK_M=geometry["dkv_block_m"], BLOCK_N=block_n, BLOCK_D=geometry["block_d"],
         BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype))
