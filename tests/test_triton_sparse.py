@@ -106,6 +106,29 @@ def check(inputs, selection, config, dtype=torch.float32, block_m=None, block_n=
     assert_close_to_reference(dgates, grads[3][..., 1:], grads64[3][..., 1:], atol=atol, name="dgates")
 
 
+def sink_selection(lengths, config, kv_heads):
+    """Every selection tile picks block 0 (an attention sink) and the last block it may see."""
+    rows = []
+    for n in lengths:
+        for t in range(n):
+            last = min((t // config.select_q_block + 1) * config.select_q_block, n) - 1
+            other = (last if config.causal else n - 1) // config.select_block
+            picks = [0, other] if other else [0, -1]
+            rows.append(picks + [-1] * (config.top_n - 2))
+    return torch.tensor(rows, device=DEVICE)[:, None, :].expand(-1, kv_heads, -1).contiguous()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_a_heavily_selected_block_is_split_across_programs(causal, monkeypatch):
+    """With one selecting tile per program, every tile past a block's first is an overflow slice
+    whose partial dk, dv the block's own program adds; block 0, picked by every tile, has many."""
+    monkeypatch.setattr(jsa_sparse, "SLC_TILES", 1)
+    config = replace(CONFIG, causal=causal)
+    lengths = [200, 7, 61]
+    inputs, _ = case(lengths, config)
+    check(inputs, sink_selection(lengths, config, kv_heads=2), config)
+
+
 def test_oracle_is_the_reference_with_cmp_gate_zero():
     config = replace(CONFIG, causal=True)
     inputs, selection = case(LENGTHS, config)

@@ -134,8 +134,9 @@ def pipeline_configs(max_stages: int = 3):
 def prune_narrow_warps(widest: int = 64):
     """An autotune early_config_prune: head dims above `widest` keep 8 warps only. With 4, the fp32
     accumulators plus the q/do and k/v tiles need more than 255 registers a thread and ptxas spills
-    (tools/compile_triton.py): above 64 in every attention kernel, from 64 on in the key-major
-    backward, which also forms each step's dq tile."""
+    (tools/compile_triton.py): above 64 in every attention kernel; from 64 on in the key-major
+    backward, which also forms each step's dq tile, and in the sparse launch, whose backward also
+    holds the compact and overflow programs' paths."""
     def prune(configs, named_args, **kwargs):
         wide = max(kwargs.get("BLOCK_D", 0), kwargs.get("BLOCK_DV", 0)) > widest
         return [c for c in configs if not wide or c.num_warps == 8] or configs[:1]

@@ -30,7 +30,7 @@ Interface (called by sparserec.ops.triton_backend):
   `cmp=`, else None.
   Optional block_m / block_n override the tile sizes (tests use them to force many tiles).
 
-Backward, two launches (three kinds of programs), FlashAttention-2 style: every score tile is
+Backward, two launches (four kinds of programs), FlashAttention-2 style: every score tile is
 recomputed once, by the program that owns its keys, which computes dk, dv and adds the rows' dq
 share atomically to an fp32 dq (five tile products per (rows, keys) pair; a separate query-major dq
 walk would recompute the scores and dP, seven):
@@ -40,11 +40,16 @@ walk would recompute the scores and dP, seven):
      sequence's anchors (the jrn part of dk/dv, in fp32, compact by anchor rank) and, given
      `cmp=`, chunks of its compressed blocks (dk_cmp, dv_cmp), with their branches' dq. They
      recompute delta from the branch output the forward stored (o_jrn, o_cmp), an extra read of
-     one (rows, Dv) tile per step, so that they need nothing the tiles of 1 write;
-  3. key-major over selection blocks (its own launch, after both): the slc and win parts of dk/dv
-     and dq, plus the jrn part of the anchors among its keys, written once. The slc part needs,
-     per selection block, the query tiles that selected it: an inverse selection map built on the
-     device by a sort.
+     one (rows, Dv) tile per step, so that they need nothing the tiles of 1 write; and overflow
+     slices of heavily selected blocks: the slc part of a block's dk/dv from its selecting tiles
+     past the first SLC_TILES, SLC_TILES a program, into per-slice fp32 partials (delta from o_slc);
+  3. key-major over selection blocks (its own launch, after both): the slc (first SLC_TILES
+     selecting tiles) and win parts of dk/dv and dq, one merged step where a row sees the keys
+     through both, plus the jrn part of the anchors among its keys and the block's overflow
+     partials, in slice order, written once. The slc part needs, per selection block, the query
+     tiles that selected it: an inverse selection map built on the device by a sort. The split
+     bounds every program's work: a block every tile picks (an attention sink) would otherwise
+     hold one program for T / select_q_block tiles.
 No T x T tensor and no host synchronisation: every grid is an upper bound computed from shapes
 alone and idle programs exit, so the launches are safe under CUDA graphs and torch.compile. dk and
 dv are deterministic; dq, summed by atomic adds, may differ in its last bits from run to run on a
@@ -54,11 +59,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, dot_precision, empty, next_power_of_2, pipeline_configs, prune_narrow_warps,
-                     size_bucket, tile_bounds)
+from .common import (LOG2E, dot_precision, empty, enumerate_jagged, next_power_of_2, pipeline_configs,
+                     prune_narrow_warps, size_bucket, tile_bounds)
 from .plan import attention_plan, check_tiles
 
 NUM_BRANCHES = 3  # slc, jrn, win = gates channels 1, 2, 3
+# In the backward a selection block's own program serves the slc rows of at most this many selecting
+# query tiles; further tiles go to overflow programs, SLC_TILES each (_slc_overflow).
+SLC_TILES = 8
 
 
 def _pow2_divisor(n: int, cap: int, smallest: int = 16) -> int:
@@ -139,6 +147,20 @@ def _inverse_selection(selection, cu_seqlens, config, num_blocks: int, tile_seq,
     offsets = torch.zeros(sentinel + 1, dtype=torch.int32, device=device)
     offsets[1:] = torch.cumsum(counts[:-1], 0)
     return tile_starts, offsets
+
+
+def _overflow_slices(inv_offsets, num_owners: int, num_entries: int, geometry, config, device) -> dict:
+    """The overflow programs' map, on the device: owner o = block * Hkv + kv head with c selecting
+    tiles gets max(0, ceil(c / SLC_TILES) - 1) slices, numbered from slice_start[o]; the grid is the
+    static bound num_entries // SLC_TILES + 1 (num_entries: an upper bound on the selection's
+    entries), spare programs have owner -1."""
+    counts = inv_offsets[1:num_owners + 1] - inv_offsets[:num_owners]
+    slices = torch.clamp((counts + SLC_TILES - 1) // SLC_TILES - 1, min=0)
+    owner, index = enumerate_jagged(slices, num_entries // SLC_TILES + 1)
+    slots = owner.shape[0]
+    return dict(slice_owner=owner, slice_index=index, slice_start=(torch.cumsum(slices, 0) - slices).to(torch.int32),
+                dk_part=empty((slots, config.select_block, geometry["block_d"]), torch.float32, device),
+                dv_part=empty((slots, config.select_block, geometry["block_dv"]), torch.float32, device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,6 +439,99 @@ def _merged_key_step(dk, dv, k, v, cols, col_ok, chosen, Q, DO, Lse, Delta, G, D
 
 
 @triton.jit
+def _slc_tiles(dk, dv, k, v, cols, col_ok, key_lo, win_lo, win_hi, seq_start, length, InvTiles, entry_lo, entry_hi,
+               Q, DO, Lse, Delta, G, DQ, stride_ot, offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot,
+               stride_dod, stride_gt, stride_dqt, qk_scale, sm_scale, SELECT_Q_BLOCK: tl.constexpr,
+               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DELTA_FROM_O: tl.constexpr, PRECISION: tl.constexpr):
+    """The slc-only steps of one head for a key chunk (sequence-local `cols` from key_lo on): the
+    rows of the selecting tiles InvTiles[entry_lo:entry_hi] outside the window's rows [win_lo,
+    win_hi), which the merged step serves. Q, DO, Lse, Delta (or, DELTA_FROM_O, o_slc with row
+    stride stride_ot), G (the slc gate channel), DQ at the head, as for _key_step."""
+    for entry in range(entry_lo, entry_hi):
+        tile = tl.load(InvTiles + entry)
+        q_hi = tl.minimum(tile + SELECT_Q_BLOCK, length)
+        if CAUSAL:
+            q_lo = tl.maximum(tile, key_lo)
+        else:
+            q_lo = tile
+        for part in tl.static_range(2):  # the rows before win_lo, then those from win_hi on
+            if part == 0:
+                lo = q_lo
+                hi = tl.minimum(q_hi, win_lo)
+            else:
+                lo = tl.maximum(q_lo, win_hi)
+                hi = q_hi
+            for start in range(lo, hi, BLOCK_M):
+                rows = start + tl.arange(0, BLOCK_M)
+                row_ok = rows < hi
+                visible = row_ok[:, None] & col_ok[None, :]
+                if CAUSAL:
+                    visible = visible & (cols[None, :] <= rows[:, None])
+                dk, dv = _key_step(dk, dv, k, v, visible, Q, DO, Lse, Delta, G, DQ, seq_start + rows, row_ok, 1,
+                                   stride_ot, offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot,
+                                   stride_dod, stride_gt, stride_dqt, qk_scale, sm_scale, DELTA_FROM_O, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _slc_overflow(
+    slot, Q, K, V, G, DO, Lse, Branches, DQ, CuSeqlens, BlockSeq, BlockStart, InvTiles, InvOffsets, SliceOwner,
+    SliceIndex, DKPart, DVPart, stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc, stride_dot, stride_doh, stride_dod,
+    stride_dqt, stride_dqh, total_tokens, num_heads, num_kv_heads, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+    SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr, SLC_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """An overflow slice of a selection block chosen by more than SLC_TILES query tiles: the slc
+    part of dk, dv (and the rows' dq) from selecting tiles SLC_TILES * j onwards (SliceIndex = j - 1;
+    SliceOwner = block * Hkv + kv head, -1: spare), for every key of the block, written to its row
+    of DKPart/DVPart (fp32, already scaled) for the block's own program in _local_dkdv_kernel to
+    add. So no program walks a heavily selected block's whole column (an attention-sink block that
+    every tile picks would otherwise hold its one program for T / select_q_block tiles). The
+    softmax delta comes from o_slc, as in _compact_chunk: Delta is written in this launch."""
+    owner = tl.load(SliceOwner + slot)
+    if owner < 0:
+        return
+    block_id = owner // num_kv_heads
+    g = owner % num_kv_heads
+    seq, seq_start, length, block_start = tile_bounds(BlockSeq, BlockStart, CuSeqlens, block_id)
+    first = tl.load(InvOffsets + owner) + (tl.load(SliceIndex + slot) + 1) * SLC_TILES
+    last = tl.minimum(first + SLC_TILES, tl.load(InvOffsets + owner + 1))
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < VALUE_DIM
+    for chunk in tl.static_range((SELECT_BLOCK + BLOCK_N - 1) // BLOCK_N):
+        key_lo = block_start + chunk * BLOCK_N
+        key_hi = tl.minimum(tl.minimum(key_lo + BLOCK_N, length), block_start + SELECT_BLOCK)
+        cols = key_lo + tl.arange(0, BLOCK_N)
+        col_ok = cols < key_hi
+        keys = (seq_start + cols).to(tl.int64)
+        k = _load_rows(K + g * stride_kh, keys, col_ok, stride_kt, offs_d, d_ok, stride_kd)
+        v = _load_rows(V + g * stride_vh, keys, col_ok, stride_vt, offs_dv, dv_ok, stride_vd)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+        if CAUSAL:
+            win_lo = key_lo
+        else:
+            win_lo = tl.maximum(key_lo - WINDOW + 1, 0)
+        win_hi = tl.minimum(key_hi - 1 + WINDOW, length)
+        for head in range(GROUP):
+            h = g * GROUP + head
+            dk, dv = _slc_tiles(dk, dv, k, v, cols, col_ok, key_lo, win_lo, win_hi, seq_start, length, InvTiles,
+                                first, last, Q + h * stride_qh, DO + h * stride_doh, Lse + h * total_tokens,
+                                Branches + h * VALUE_DIM, G + h * stride_gh + stride_gc, DQ + h * stride_dqh,
+                                num_heads * VALUE_DIM, offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot,
+                                stride_dod, stride_gt, stride_dqt, qk_scale, sm_scale, SELECT_Q_BLOCK, CAUSAL,
+                                BLOCK_M, True, PRECISION)
+        part = (slot * SELECT_BLOCK + chunk * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        tl.store(DKPart + (part * BLOCK_D)[:, None] + offs_d[None, :], dk * sm_scale, mask=col_ok[:, None])
+        tl.store(DVPart + (part * BLOCK_DV)[:, None] + offs_dv[None, :], dv, mask=col_ok[:, None])
+
+
+@triton.jit
 def _compact_chunk(
     chunk, g, Q, K, V, G, DO, Lse, Branches, DQ, AnchorList, CuSeqlens, CuAnchor, AnchorChunkSeq, AnchorChunkStart,
     DKAnchor, DVAnchor, KCmp, VCmp, LseCmp, OCmp, CuCmp, CmpChunkSeq, CmpChunkStart, DKCmp, DVCmp,
@@ -508,7 +623,7 @@ def _compact_chunk(
 @triton.jit
 def _local_dkdv_kernel(
     Q, K, V, G, DO, Lse, Delta, Sel, AnchorPrefix, CuSeqlens, BlockSeq, BlockStart,
-    InvTiles, InvOffsets, DKAnchor, DVAnchor, DK, DV, DQ,
+    InvTiles, InvOffsets, SliceStart, DKPart, DVPart, DKAnchor, DVAnchor, DK, DV, DQ,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc, stride_st, stride_sh, stride_sn,
     stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkh, stride_dkd,
@@ -516,13 +631,14 @@ def _local_dkdv_kernel(
     total_tokens, num_heads, num_kv_heads, qk_scale, sm_scale, tokens_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, TOP_N: tl.constexpr,
     SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
-    CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    SLC_TILES: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dk, dv of BLOCK_N keys (chunk of a selection block) of one kv head: slc from the query
-    tiles that selected the block, win from the queries within the window, jrn read from
-    DKAnchor/DVAnchor for the anchors among the keys; the slc and win shares of those queries' dq
-    are added atomically to DQ. Rows that may see the keys through both slc and win (the window's
+    """dk, dv of BLOCK_N keys (chunk of a selection block) of one kv head: slc from the first
+    SLC_TILES query tiles that selected the block (the rest from the overflow slices' partials in
+    DKPart/DVPart, slots SliceStart[block * Hkv + kv head] on, written by _slc_overflow), win from
+    the queries within the window, jrn read from DKAnchor/DVAnchor for the anchors among the keys;
+    the slc and win shares of those queries' dq are added atomically to DQ. Rows that may see the keys through both slc and win (the window's
     rows whose selection tile chose this block: often, as recent blocks are often selected) take
     one merged step, so their scores and dP are formed once."""
     pid = tl.program_id(0)
@@ -561,30 +677,11 @@ def _local_dkdv_kernel(
         DOh = DO + h * stride_doh
         Gh = G + h * stride_gh
         DQh = DQ + h * stride_dqh
-        for entry in range(inv_first, inv_last):  # slc only: the selecting tiles' rows outside the window's
-            tile = tl.load(InvTiles + entry)
-            q_hi = tl.minimum(tile + SELECT_Q_BLOCK, length)
-            if CAUSAL:
-                q_lo = tl.maximum(tile, key_lo)
-            else:
-                q_lo = tile
-            for part in tl.static_range(2):  # the rows before win_lo, then those from win_hi on
-                if part == 0:
-                    lo = q_lo
-                    hi = tl.minimum(q_hi, win_lo)
-                else:
-                    lo = tl.maximum(q_lo, win_hi)
-                    hi = q_hi
-                for start in range(lo, hi, BLOCK_M):
-                    rows = start + tl.arange(0, BLOCK_M)
-                    row_ok = rows < hi
-                    visible = row_ok[:, None] & col_ok[None, :]
-                    if CAUSAL:
-                        visible = visible & (cols[None, :] <= rows[:, None])
-                    dk, dv = _key_step(dk, dv, k, v, visible, Qh, DOh, Lse + h * total_tokens,
-                                       Delta + h * total_tokens, Gh + stride_gc, DQh, seq_start + rows, row_ok, 1,
-                                       0, offs_d, d_ok, offs_dv, dv_ok, stride_qt, stride_qd, stride_dot,
-                                       stride_dod, stride_gt, stride_dqt, qk_scale, sm_scale, False, PRECISION)
+        dk, dv = _slc_tiles(dk, dv, k, v, cols, col_ok, key_lo, win_lo, win_hi, seq_start, length, InvTiles, inv_first,
+                            tl.minimum(inv_first + SLC_TILES, inv_last), Qh, DOh, Lse + h * total_tokens,
+                            Delta + h * total_tokens, Gh + stride_gc, DQh, 0, offs_d, d_ok, offs_dv, dv_ok,
+                            stride_qt, stride_qd, stride_dot, stride_dod, stride_gt, stride_dqt, qk_scale, sm_scale,
+                            SELECT_Q_BLOCK, CAUSAL, BLOCK_M, False, PRECISION)
         for start in range(win_lo, win_hi, BLOCK_M):  # win, merged with slc where the row's tile chose the block
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < win_hi
@@ -604,6 +701,12 @@ def _local_dkdv_kernel(
                                  mask=is_anchor[:, None] & d_ok[None, :], other=0.0)
     dv += tl.load(DVAnchor + (anchor_rows * VALUE_DIM)[:, None] + offs_dv[None, :],
                   mask=is_anchor[:, None] & dv_ok[None, :], other=0.0)
+    first_slot = tl.load(SliceStart + block_id * num_kv_heads + g)
+    overflow = tl.maximum((inv_last - inv_first + SLC_TILES - 1) // SLC_TILES - 1, 0)
+    for slot in range(first_slot, first_slot + overflow):  # in slice order: deterministic sums
+        part = (slot * SELECT_BLOCK + (key_lo - block_start) + tl.arange(0, BLOCK_N)).to(tl.int64)
+        dk += tl.load(DKPart + (part * BLOCK_D)[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        dv += tl.load(DVPart + (part * BLOCK_DV)[:, None] + offs_dv[None, :], mask=col_ok[:, None], other=0.0)
     tl.store(DK + keys[:, None] * stride_dkt + g * stride_dkh + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
     tl.store(DV + keys[:, None] * stride_dvt + g * stride_dvh + offs_dv[None, :] * stride_dvd,
@@ -612,12 +715,13 @@ def _local_dkdv_kernel(
 
 @triton.autotune(configs=pipeline_configs(),
                  key=["HEAD_DIM", "VALUE_DIM", "GROUP", "CAUSAL", "BACKWARD", "WITH_CMP", "tokens_bucket"],
-                 prune_configs_by={"early_config_prune": prune_narrow_warps()})
+                 prune_configs_by={"early_config_prune": prune_narrow_warps(widest=32)})
 @triton.jit
 def _sparse_kernel(
     Q, K, V, G, Sel, AnchorList, AnchorPrefix, CuSeqlens, TileSeq, TileStart,
     Out, Lse, Branches, DO, Delta, DGates, OCmp, KCmp, VCmp, CuCmp, LseCmp,
     CuAnchor, AnchorChunkSeq, AnchorChunkStart, DKAnchor, DVAnchor, CmpChunkSeq, CmpChunkStart, DKCmp, DVCmp,
+    BlockSeq, BlockStart, InvTiles, InvOffsets, SliceOwner, SliceIndex, DKPart, DVPart,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc,
     stride_st, stride_sh, stride_sn, stride_ot, stride_oh, stride_od,
@@ -628,16 +732,17 @@ def _sparse_kernel(
     TOP_N: tl.constexpr,
     SELECT_BLOCK: tl.constexpr, SELECT_Q_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
     CAUSAL: tl.constexpr, BACKWARD: tl.constexpr, STORE_BRANCHES: tl.constexpr,
-    WITH_CMP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    WITH_CMP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DKV_BLOCK_M: tl.constexpr, DKV_BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    COMPACT_BLOCK_M: tl.constexpr, DKV_BLOCK_M: tl.constexpr, DKV_BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One launch, a 1-D grid: programs below query_tiles * num_kv_heads are (query tile, kv head)
     of the query-major walk (_query_major_tile, the group's heads packed into the tile's rows: the
-    forward, or the gates' gradients and deltas in the backward); with BACKWARD, the rest are
-    (compact chunk, kv head) of _compact_chunk, and Out is the fp32 dq they add to. The two sets
-    read only what the forward left, so they share the launch, and the few compact programs fill
-    the GPU beside the walk instead of running alone in a launch of their own."""
+    forward, or the gates' gradients and deltas in the backward); with BACKWARD, the next
+    compact_chunks * num_kv_heads are (compact chunk, kv head) of _compact_chunk and the rest the
+    overflow slices of heavily selected blocks (_slc_overflow); Out is the fp32 dq they add to. The
+    sets read only what the forward left, so they share the launch, and the few compact and
+    overflow programs fill the GPU beside the walk instead of running alone in a launch of their own."""
     pid = tl.program_id(0)
     walk_programs = query_tiles * num_kv_heads
     if pid < walk_programs:
@@ -651,6 +756,15 @@ def _sparse_kernel(
             total_tokens, num_heads, qk_scale, GROUP, GROUP_PAD, HEAD_DIM, VALUE_DIM, TOP_N,
             SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW, CAUSAL, BACKWARD, STORE_BRANCHES, WITH_CMP,
             BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+    elif BACKWARD and pid >= walk_programs + compact_chunks * num_kv_heads:
+        _slc_overflow(
+            pid - walk_programs - compact_chunks * num_kv_heads, Q, K, V, G, DO, Lse, Branches, Out, CuSeqlens,
+            BlockSeq, BlockStart, InvTiles, InvOffsets, SliceOwner, SliceIndex, DKPart, DVPart,
+            stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+            stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc, stride_dot, stride_doh, stride_dod,
+            stride_ot, stride_oh, total_tokens, num_heads, num_kv_heads, qk_scale, sm_scale,
+            GROUP, HEAD_DIM, VALUE_DIM, SELECT_BLOCK, SELECT_Q_BLOCK, WINDOW, CAUSAL, SLC_TILES,
+            DKV_BLOCK_M, DKV_BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
     elif BACKWARD:
         compact = pid - walk_programs
         _compact_chunk(
@@ -661,7 +775,7 @@ def _sparse_kernel(
             stride_vt, stride_vh, stride_vd, stride_gt, stride_gh, stride_gc, stride_dot, stride_doh, stride_dod,
             stride_oct, stride_och, stride_kct, stride_kch, stride_vct, stride_vch, stride_lct, stride_lch,
             stride_ot, stride_oh, total_tokens, num_heads, num_kv_heads, anchor_chunks, qk_scale, sm_scale,
-            GROUP, HEAD_DIM, VALUE_DIM, CAUSAL, CMP_BLOCK, CMP_STRIDE, DKV_BLOCK_M, DKV_BLOCK_N, BLOCK_D,
+            GROUP, HEAD_DIM, VALUE_DIM, CAUSAL, CMP_BLOCK, CMP_STRIDE, COMPACT_BLOCK_M, DKV_BLOCK_N, BLOCK_D,
             BLOCK_DV, PRECISION)
 
 
@@ -671,13 +785,14 @@ def _sparse_kernel(
 
 
 def _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, out, lse, branches,
-            dout=None, delta=None, dgates=None, o_cmp=None, cmp=None, compact=None):
+            dout=None, delta=None, dgates=None, o_cmp=None, cmp=None, compact=None, overflow=None):
     """One _sparse_kernel launch over the plan's query tiles and anchors. Forward: out, lse, branches
     (or None); o_cmp adds the gated cmp output. Backward (dout given): delta, dgates, and out is the
     fp32 dq (zeros) the compact programs add to; o_cmp adds the cmp branch's gate gradient and
     cmp = (k_cmp, v_cmp, cu_cmp, lse_cmp) its compressed keys; compact (a dict of the outputs
     dk_anchor, dv_anchor, dk_cmp, dv_cmp) adds the compact-key programs over the plan's anchor
-    chunks and, with cmp, its compressed-row chunks."""
+    chunks and, with cmp, its compressed-row chunks; overflow (_overflow_slices' dict) the overflow
+    slices of heavily selected blocks."""
     total, heads, dim = q.shape
     kv_heads = k.shape[1]
     backward = dout is not None
@@ -699,12 +814,20 @@ def _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, out, 
     cmp_seq, cmp_start = ((plan.cmp_chunk_seq, plan.cmp_chunk_start) if cmp_chunks
                           else (plan.anchor_chunk_seq, plan.anchor_chunk_start))
     c = compact
+    if overflow is None:
+        ints = plan.query_tile_seq
+        overflow = dict(inv_tiles=ints, inv_offsets=ints, slice_owner=ints, slice_index=ints, dk_part=lse, dv_part=lse)
+        overflow_slots = 0
+    else:
+        overflow_slots = overflow["slice_owner"].shape[0]
+    o = overflow
     branches_ = out if branches is None else branches
-    _sparse_kernel[((query_tiles + anchor_chunks + cmp_chunks) * kv_heads,)](
+    _sparse_kernel[((query_tiles + anchor_chunks + cmp_chunks) * kv_heads + overflow_slots,)](
         q, k, v, gates, selection, plan.anchor_list, plan.anchor_prefix, cu_seqlens, tile_seq, tile_start,
         out, lse, branches_, dout_, lse if delta is None else delta, dgates_, o_cmp, k_cmp, v_cmp, cu_cmp,
         lse_cmp, plan.cu_anchor, plan.anchor_chunk_seq, plan.anchor_chunk_start, c["dk_anchor"], c["dv_anchor"],
-        cmp_seq, cmp_start, c["dk_cmp"], c["dv_cmp"],
+        cmp_seq, cmp_start, c["dk_cmp"], c["dv_cmp"], plan.key_block_seq, plan.key_block_start, o["inv_tiles"],
+        o["inv_offsets"], o["slice_owner"], o["slice_index"], o["dk_part"], o["dv_part"],
         *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *selection.stride(),
         *out.stride(), *dout_.stride(), *dgates_.stride(),
         o_cmp.stride(0), o_cmp.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
@@ -715,9 +838,9 @@ def _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, out, 
         TOP_N=config.top_n, SELECT_BLOCK=config.select_block, SELECT_Q_BLOCK=config.select_q_block,
         WINDOW=config.window, CAUSAL=config.causal, BACKWARD=backward,
         STORE_BRANCHES=branches is not None, WITH_CMP=with_cmp, CMP_BLOCK=config.block,
-        CMP_STRIDE=config.stride, BLOCK_M=geometry["block_m"], BLOCK_N=geometry["block_n"],
-        BLOCK_D=geometry["block_d"], BLOCK_DV=geometry["block_dv"], DKV_BLOCK_M=geometry["compact_block_m"],
-        DKV_BLOCK_N=geometry["dkv_block_n"], PRECISION=dot_precision(q.dtype),
+        CMP_STRIDE=config.stride, SLC_TILES=SLC_TILES, BLOCK_M=geometry["block_m"], BLOCK_N=geometry["block_n"],
+        BLOCK_D=geometry["block_d"], BLOCK_DV=geometry["block_dv"], COMPACT_BLOCK_M=geometry["compact_block_m"],
+        DKV_BLOCK_M=geometry["dkv_block_m"], DKV_BLOCK_N=geometry["dkv_block_n"], PRECISION=dot_precision(q.dtype),
     )
 
 
@@ -788,22 +911,28 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     dv_anchor = empty((total, kv_heads, value_dim), torch.float32, q.device)
     compact = dict(dk_anchor=dk_anchor, dv_anchor=dv_anchor,
                    dk_cmp=dk if cmp is None else dk_cmp, dv_cmp=dv if cmp is None else dv_cmp)  # unused: right dtypes
-    _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, dq, lse,
-            branches, dout=dout, delta=delta, dgates=dgates, o_cmp=o_cmp,
-            cmp=None if cmp is None else (k_cmp, v_cmp, cu_cmp, lse_cmp), compact=compact)
-
+    # Which tiles chose each selection block: the key-major slc work, split so that no program
+    # serves more than SLC_TILES of them (the overflow slices run in the first launch).
     num_blocks = plan.key_block_seq.shape[0]
     inv_tiles, inv_offsets = _inverse_selection(selection, cu_seqlens, config, num_blocks, plan.select_tile_seq,
                                                 plan.select_tile_start)
+    overflow = _overflow_slices(inv_offsets, num_blocks * kv_heads,
+                                plan.select_tile_seq.shape[0] * kv_heads * config.top_n, geometry, config, q.device)
+    overflow.update(inv_tiles=inv_tiles, inv_offsets=inv_offsets)
+    _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, dq, lse,
+            branches, dout=dout, delta=delta, dgates=dgates, o_cmp=o_cmp,
+            cmp=None if cmp is None else (k_cmp, v_cmp, cu_cmp, lse_cmp), compact=compact, overflow=overflow)
+
     chunks = -(-config.select_block // block_n)
     _local_dkdv_kernel[(num_blocks * chunks, kv_heads)](
         q, k, v, gates, dout, lse, delta, selection, plan.anchor_prefix, cu_seqlens, plan.key_block_seq,
-        plan.key_block_start, inv_tiles, inv_offsets, dk_anchor, dv_anchor, dk, dv, dq,
+        plan.key_block_start, inv_tiles, inv_offsets, overflow["slice_start"], overflow["dk_part"],
+        overflow["dv_part"], dk_anchor, dv_anchor, dk, dv, dq,
         *q.stride(), *k.stride(), *v.stride(), *gates.stride(), *selection.stride(), *dout.stride(), *dk.stride(),
         *dv.stride(), dq.stride(0), dq.stride(1), total, heads, kv_heads, LOG2E.value / dim ** 0.5, 1.0 / dim ** 0.5,
         size_bucket(total), GROUP=heads // kv_heads, HEAD_DIM=dim, VALUE_DIM=value_dim, TOP_N=config.top_n,
         SELECT_BLOCK=config.select_block,
-        SELECT_Q_BLOCK=config.select_q_block, WINDOW=config.window, CAUSAL=config.causal, CHUNKS=chunks,
-        BLOCK_M=geometry["dkv_block_m"], BLOCK_N=block_n, BLOCK_D=geometry["block_d"],
+        SELECT_Q_BLOCK=config.select_q_block, WINDOW=config.window, CAUSAL=config.causal, SLC_TILES=SLC_TILES,
+        CHUNKS=chunks, BLOCK_M=geometry["dkv_block_m"], BLOCK_N=block_n, BLOCK_D=geometry["block_d"],
         BLOCK_DV=geometry["block_dv"], PRECISION=dot_precision(q.dtype))
     return dq.to(q.dtype), dk, dv, dgates, dk_cmp, dv_cmp
