@@ -29,6 +29,8 @@ launch stays capturable in a CUDA graph and traceable by torch.compile):
   POISON_ALLOCATIONS, empty(shape, dtype, device)
                                       outputs a kernel must write in full: NaN-filled when a test
                                       sets POISON_ALLOCATIONS = True, else torch.empty
+  online_softmax_step(acc, row_max, row_sum, scores, v, PRECISION)  (@triton.jit)
+                                      one key chunk of FlashAttention's forward (log2 units)
   tile_bounds(tile_seq_ptr, tile_start_ptr, cu_seqlens_ptr, pid)   (@triton.jit)
                                       -> (seq, bos, length, start) of a program's tile; seq < 0: spare
 """
@@ -151,6 +153,20 @@ def size_bucket(n: int) -> int:
 
 def chosen_config(kernel) -> triton.Config:
     return getattr(kernel, "best_config", None) or kernel.configs[0]
+
+
+@triton.jit
+def online_softmax_step(acc, row_max, row_sum, scores, v, PRECISION: tl.constexpr):
+    """One key chunk of FlashAttention's forward, in log2 units: scores (rows, keys) scaled and -inf
+    where hidden; state (acc, row_max, row_sum). A row that has seen no key keeps row_max = -inf and
+    is shifted by 0, so exp2 gives 0, not NaN (no inf - inf)."""
+    new_max = tl.maximum(row_max, tl.max(scores, 1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.exp2(scores - shift[:, None])
+    alpha = tl.exp2(row_max - shift)
+    row_sum = row_sum * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, new_max, row_sum
 
 
 @triton.jit

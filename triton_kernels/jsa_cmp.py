@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, cdiv, dot_precision, empty, jagged_tiles, max_tiles, next_power_of_2, pipeline_configs,
-                     prune_narrow_warps, size_bucket, tile_bounds)
+from .common import (LOG2E, cdiv, dot_precision, empty, jagged_tiles, max_tiles, next_power_of_2, online_softmax_step,
+                     pipeline_configs, prune_narrow_warps, size_bucket, tile_bounds)
 from .plan import check_tiles, token_tiles
 
 @triton.jit
@@ -79,15 +79,8 @@ def _cmp_attend_rows(
         visible = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= rows[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        # Rows with nothing visible yet keep a finite reference point so no inf - inf appears.
-        anchor = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp2(scores - anchor[:, None])
-        alpha = tl.exp2(row_max - anchor)
-        row_sum = row_sum * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        row_max = new_max
+        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, tl.where(visible, scores, float("-inf")),
+                                                    v, PRECISION)
     has_key = row_sum > 0
     out = acc / tl.where(has_key, row_sum, 1.0)[:, None]
     lse = tl.where(has_key, (row_max + tl.log2(tl.where(has_key, row_sum, 1.0))) / LOG2E, float("inf"))

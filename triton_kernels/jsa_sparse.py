@@ -59,8 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, dot_precision, empty, enumerate_jagged, next_power_of_2, pipeline_configs,
-                     prune_narrow_warps, size_bucket, tile_bounds)
+from .common import (LOG2E, dot_precision, empty, enumerate_jagged, next_power_of_2, online_softmax_step,
+                     pipeline_configs, prune_narrow_warps, size_bucket, tile_bounds)
 from .plan import attention_plan, check_tiles
 
 NUM_BRANCHES = 3  # slc, jrn, win = gates channels 1, 2, 3
@@ -178,15 +178,7 @@ def _load_rows(base, rows, row_ok, stride_t, offs_d, d_ok, stride_d):
 def _query_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION: tl.constexpr):
     """One key chunk for a query tile: an online-softmax step (log2 units), state (acc, m_i, l_i)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen no key keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_shift[:, None])
-    alpha = tl.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i
+    return online_softmax_step(acc, m_i, l_i, tl.where(visible, s, float("-inf")), v, PRECISION)
 
 
 @triton.jit
