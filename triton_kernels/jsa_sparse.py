@@ -125,7 +125,7 @@ def _inverse_selection(selection, cu_seqlens, config, num_blocks: int, tile_seq,
     Blocks are numbered sequence by sequence, as the plan's key_block map does; (tile_seq,
     tile_start) is the plan's map of selection tiles. Block b, kv head g: entries
     offsets[b*Hkv + g] : offsets[b*Hkv + g + 1] of tile_starts, the sequence-local first tokens of
-    the selecting tiles, ascending.
+    the selecting tiles, ascending; counts[b*Hkv + g] their number.
     """
     total, kv_heads, _ = selection.shape
     device = selection.device
@@ -146,18 +146,17 @@ def _inverse_selection(selection, cu_seqlens, config, num_blocks: int, tile_seq,
     counts.scatter_add_(0, key, torch.ones_like(key))
     offsets = torch.zeros(sentinel + 1, dtype=torch.int32, device=device)
     offsets[1:] = torch.cumsum(counts[:-1], 0)
-    return tile_starts, offsets
+    return tile_starts, offsets, counts[:-1]
 
 
-def _overflow_slices(inv_offsets, num_owners: int, num_entries: int, geometry, config, device) -> dict:
-    """The overflow programs' map, on the device: owner o = block * Hkv + kv head with c selecting
-    tiles gets max(0, ceil(c / SLC_TILES) - 1) slices, numbered from slice_start[o]; the grid is the
-    static bound num_entries // SLC_TILES + 1 (num_entries: an upper bound on the selection's
-    entries), spare programs have owner -1."""
-    counts = inv_offsets[1:num_owners + 1] - inv_offsets[:num_owners]
+def _overflow_slices(counts, num_entries: int, geometry, config) -> dict:
+    """The overflow programs' map, on the device: owner o = block * Hkv + kv head with counts[o]
+    selecting tiles gets max(0, ceil(counts[o] / SLC_TILES) - 1) slices, numbered from
+    slice_start[o]; the grid is the static bound num_entries // SLC_TILES + 1 (num_entries: the
+    inverse selection's entries, chosen or not), spare programs have owner -1."""
     slices = torch.clamp((counts + SLC_TILES - 1) // SLC_TILES - 1, min=0)
     owner, index = enumerate_jagged(slices, num_entries // SLC_TILES + 1)
-    slots = owner.shape[0]
+    slots, device = owner.shape[0], counts.device
     return dict(slice_owner=owner, slice_index=index, slice_start=(torch.cumsum(slices, 0) - slices).to(torch.int32),
                 dk_part=empty((slots, config.select_block, geometry["block_d"]), torch.float32, device),
                 dv_part=empty((slots, config.select_block, geometry["block_dv"]), torch.float32, device))
@@ -906,10 +905,9 @@ def sparse_attention_bwd(dout, q, k, v, gates, selection, anchor_mask, cu_seqlen
     # Which tiles chose each selection block: the key-major slc work, split so that no program
     # serves more than SLC_TILES of them (the overflow slices run in the first launch).
     num_blocks = plan.key_block_seq.shape[0]
-    inv_tiles, inv_offsets = _inverse_selection(selection, cu_seqlens, config, num_blocks, plan.select_tile_seq,
-                                                plan.select_tile_start)
-    overflow = _overflow_slices(inv_offsets, num_blocks * kv_heads,
-                                plan.select_tile_seq.shape[0] * kv_heads * config.top_n, geometry, config, q.device)
+    inv_tiles, inv_offsets, inv_counts = _inverse_selection(selection, cu_seqlens, config, num_blocks,
+                                                            plan.select_tile_seq, plan.select_tile_start)
+    overflow = _overflow_slices(inv_counts, inv_tiles.shape[0], geometry, config)
     overflow.update(inv_tiles=inv_tiles, inv_offsets=inv_offsets)
     _launch(q, k, v, gates, selection, plan, cu_seqlens, config, geometry, dq, lse,
             branches, dout=dout, delta=delta, dgates=dgates, o_cmp=o_cmp,
