@@ -14,7 +14,8 @@ from sparserec.data import leave_one_out
 from sparserec.metrics import action_metrics, auc, log_loss, normalized_entropy
 from sparserec.models.gr import ATTENTIONS, FUSIONS, GRConfig, GenerativeRanker
 from sparserec.ops.dispatch import backends
-from sparserec.train.gr import RankerExamples, action_users, evaluate_ranker, journey_anchors, ranker_loss
+from sparserec.train.gr import (RankerExamples, action_users, evaluate_ranker, journey_anchors, ranker_loss,
+                                training_rates)
 
 CASES = [(fusion, attention) for fusion in FUSIONS for attention in ATTENTIONS]
 NUM_ITEMS, NUM_ACTIONS = 23, 4
@@ -221,6 +222,21 @@ def test_examples_and_evaluation_read_the_right_rows(tiny_behavior_data):
         assert constant["auc"] == 0.5  # every score tied
 
 
+def test_action_prior_starts_at_the_training_base_rates(tiny_behavior_data):
+    data = tiny_behavior_data
+    split = leave_one_out(data)
+    held_out = action_users(data, split.train_end, fraction=0.25, seed=3)
+    model = GenerativeRanker(GRConfig(num_items=data.num_items, num_actions=4, fusion="lfa", max_length=5))
+    torch.nn.init.zeros_(model.action_head.weight)  # the bias alone: the constant predictor
+    model.set_action_prior(training_rates(data, split, held_out).float())
+    metrics = evaluate_ranker(model, data, split, held_out)
+    for name in data.behaviors:
+        assert metrics["action"][name]["log_loss"] == pytest.approx(
+            metrics["action_training_rates"][name]["log_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="rates must have shape"):
+        model.set_action_prior(torch.full((3,), 0.25))
+
+
 # ---- action metrics against hand-computed values -------------------------------------------------
 
 def test_action_metrics_by_hand():
@@ -279,6 +295,9 @@ def test_cli_trains_and_reports_interleaving_doubles_tokens(capsys, tmp_path):
         assert cli.main(["train", "--model", "gr", "--action-fusion", fusion, "--attention", "dense", "--steps", "2",
                          "--max-lines", "3000", "--test-users", "40", "--out", str(out)]) == 0
         per_fusion[fusion] = json.loads((out / "metrics.json").read_text())
+        # one behavior per interaction: base rates that sum to 1 (a zero bias would give 0.5 each)
+        bias = torch.load(out / "model.pt")["action_head.bias"]
+        assert torch.sigmoid(bias).sum().item() == pytest.approx(1.0, abs=0.02)
     printed = capsys.readouterr().out
     assert "action prediction on " in printed and "next item at the test row (40 users" in printed
     assert per_fusion["interleave"]["tokens_per_step"] == pytest.approx(2 * per_fusion["lfa"]["tokens_per_step"])

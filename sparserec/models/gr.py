@@ -207,6 +207,15 @@ class GenerativeRanker(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
+    @torch.no_grad()
+    def set_action_prior(self, rates: torch.Tensor):
+        """Start each behavior's sigmoid at its base rate (K,): the action head's bias becomes
+        logit(rate). From a zero bias (p = 0.5) the bias alone would need thousands of steps at
+        lr 1e-3 to reach, say, logit(0.08) = -2.4; until then a rare behavior is over-predicted."""
+        if rates.shape != self.action_head.bias.shape:
+            raise ValueError(f"rates must have shape {tuple(self.action_head.bias.shape)}, got {tuple(rates.shape)}")
+        self.action_head.bias.copy_(torch.logit(rates.clamp(1e-6, 1 - 1e-6)))
+
     def forward(self, items, actions, valid, anchors):
         batch, length = items.shape
         if length > self.config.max_length:

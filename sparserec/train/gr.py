@@ -149,24 +149,30 @@ def evaluate_ranker(model: GenerativeRanker, data: InteractionData, split: DataS
             "next_item": ranking_metrics(torch.cat(ranked), torch.cat(targets), ks=(5, 10))}
 
 
-def training_rate_predictor(data: InteractionData, split: DataSplit, held_out, actions) -> dict:
-    """action_metrics of the constant predictor p_b = behavior b's share of the training
-    interactions (held-out users excluded), on the evaluated actions (B,): the reference a model's
-    NE must beat (its AUC is 0.5)."""
+def training_rates(data: InteractionData, split: DataSplit, held_out) -> torch.Tensor:
+    """(K,) float64: each behavior's share of the training interactions, held-out users excluded."""
     users = data.user_of_row
     rows = np.arange(data.num_interactions)
     training = data.behavior[(rows < split.train_end[users]) & ~np.isin(users, held_out)]
-    rates = torch.from_numpy(np.bincount(training, minlength=len(data.behaviors)) / len(training))
+    return torch.from_numpy(np.bincount(training, minlength=len(data.behaviors)) / len(training))
+
+
+def training_rate_predictor(data: InteractionData, split: DataSplit, held_out, actions) -> dict:
+    """action_metrics of the constant predictor p_b = `training_rates`, on the evaluated actions
+    (B,): the reference a model's NE must beat (its AUC is 0.5)."""
+    rates = training_rates(data, split, held_out)
     return action_metrics(torch.logit(rates).expand(len(actions), -1), actions, data.behaviors)
 
 
 def train_ranker(model: GenerativeRanker, data: InteractionData, split: DataSplit, config: TrainConfig,
                  out_dir: str, resume: bool = False, test_users: int | None = None, seed: int = 0) -> dict:
-    """Trains for config.max_steps (checkpoints in out_dir; resume continues them), evaluates,
-    writes out_dir/metrics.json and returns it: test metrics, training seconds and steps, steps per
-    epoch, sequence tokens per step (mean over an epoch) and seconds per step and per epoch."""
+    """Starts the action head at the training base rates, trains for config.max_steps (checkpoints
+    in out_dir; resume continues them), evaluates, writes out_dir/metrics.json and returns it: test
+    metrics, training seconds and steps, steps per epoch, sequence tokens per step (mean over an
+    epoch) and seconds per step and per epoch."""
     held_out = action_users(data, split.train_end, seed=seed)
     examples = RankerExamples(data, split.train_end, model.config.max_length, held_out)
+    model.set_action_prior(training_rates(data, split, held_out).float())  # a resumed checkpoint replaces it
     checkpoint = os.path.join(out_dir, "checkpoint.pt")
     trainer = Trainer(model, examples, ranker_loss, dataclasses.replace(config, checkpoint_path=checkpoint),
                       collate_fn=examples.collate)
