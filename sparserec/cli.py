@@ -54,11 +54,11 @@ LARGEST_K = 10
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every option's default (unless its help states it, it is a flag, or it is None:
-    an option whose absence means something says what in its help), and the description as written."""
+    """--help shows every option's default (unless its help states it, or it is a flag), and the
+    description as written."""
 
     def _get_help_string(self, action):
-        if "default:" in (action.help or "") or action.nargs == 0 or action.default is None:
+        if "default:" in (action.help or "") or action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
 
