@@ -47,7 +47,7 @@ GRAM_OPTIONS = ("gram_c", "gram_l", "gram_branching", "gram_k", "gram_passages",
 
 # The generative ranker of issue 11 (docs/action_fusion.md): its training defaults, where an option is not given.
 GR_TRAIN_DEFAULTS = dict(d_model=64, heads=2, layers=2, steps=300, batch_size=64, lr=1e-3, warmup=30, dropout=0.1,
-                         schedule="cosine")
+                         schedule="cosine", eval_every=0)
 
 # The largest K of the reported metrics (HR@10, NDCG@10): a beam must hold at least this many items.
 LARGEST_K = 10
@@ -218,7 +218,8 @@ def _train_arguments(parser):
     parser.add_argument("--lr", type=positive_float, **per_model, help="peak learning rate (AdamW; default: 1e-3)")
     parser.add_argument("--warmup", type=non_negative_int, **per_model, help="linear warmup steps (default: 100)")
     parser.add_argument("--eval-every", type=non_negative_int, **per_model,
-                        help="steps between validations (0: only at the end; default: grace 500, sasrec 350)")
+                        help="steps between validations (0: only at the end; default: grace 500, sasrec 350); "
+                             "gr: steps between points of the test learning curve (no selection; default 0)")
     parser.add_argument("--dropout", type=float, **per_model, help="dropout (default: grace 0.1, sasrec 0.2)")
     parser.add_argument("--head", choices=("tied", "untied"), default="tied",
                         help="SASRec output head: the item embedding (tied) or its own matrix")
@@ -438,7 +439,7 @@ def _train_ranker(args):
                                seed=args.seed, checkpoint_every=args.checkpoint_every, schedule=args.schedule,
                                time_limit_s=60 * (args.time_limit or 0))
     metrics = train_ranker(model, data, split, train_config, args.out, resume=args.resume,
-                           test_users=args.test_users, seed=args.seed)
+                           test_users=args.test_users, seed=args.seed, curve_every=args.eval_every)
     runs.write_run(args.out, {**run, "complete": True})
     print(f"{data.name}, --action-fusion {args.action_fusion}, --attention {args.attention}; run saved to {args.out}")
     print(format_ranker_metrics(metrics, data.behaviors))

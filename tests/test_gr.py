@@ -304,3 +304,17 @@ def test_cli_trains_and_reports_interleaving_doubles_tokens(capsys, tmp_path):
     assert per_fusion["lfa"]["steps"] == 2 and per_fusion["lfa"]["test"]["next_item"]["count"] == 40
     with pytest.raises(ValueError, match="holds a --model gr run"):
         cli.cmd_evaluate(cli.parse_args(["evaluate", str(tmp_path / "lfa")]))
+
+
+def test_learning_curve_pauses_without_changing_the_training(capsys, tmp_path):
+    common = ["train", "--model", "gr", "--action-fusion", "mvp", "--attention", "dense", "--steps", "4",
+              "--max-lines", "3000", "--test-users", "40"]
+    assert cli.main(common + ["--out", str(tmp_path / "plain")]) == 0
+    assert cli.main(common + ["--eval-every", "3", "--out", str(tmp_path / "curve")]) == 0
+    assert "| step | action mean NE |" in capsys.readouterr().out
+    plain, curve = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("plain", "curve"))
+    assert plain["curve"] == [] and [point["step"] for point in curve["curve"]] == [3, 4]
+    assert curve["curve"][-1]["action"] == curve["test"]["action"] == plain["test"]["action"]
+    weights = [torch.load(tmp_path / name / "model.pt") for name in ("plain", "curve")]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0)

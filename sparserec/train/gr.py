@@ -165,11 +165,13 @@ def training_rate_predictor(data: InteractionData, split: DataSplit, held_out, a
 
 
 def train_ranker(model: GenerativeRanker, data: InteractionData, split: DataSplit, config: TrainConfig,
-                 out_dir: str, resume: bool = False, test_users: int | None = None, seed: int = 0) -> dict:
+                 out_dir: str, resume: bool = False, test_users: int | None = None, seed: int = 0,
+                 curve_every: int = 0) -> dict:
     """Starts the action head at the training base rates, trains for config.max_steps (checkpoints
     in out_dir; resume continues them), evaluates, writes out_dir/metrics.json and returns it: test
     metrics, training seconds and steps, steps per epoch, sequence tokens per step (mean over an
-    epoch) and seconds per step and per epoch."""
+    epoch) and seconds per step and per epoch. curve_every > 0: the test metrics every that many
+    steps as well ("curve"; a learning curve, not used to pick weights: the last step's are kept)."""
     held_out = action_users(data, split.train_end, seed=seed)
     examples = RankerExamples(data, split.train_end, model.config.max_length, held_out)
     model.set_action_prior(training_rates(data, split, held_out).float())  # a resumed checkpoint replaces it
@@ -178,16 +180,27 @@ def train_ranker(model: GenerativeRanker, data: InteractionData, split: DataSpli
                       collate_fn=examples.collate)
     if resume:
         trainer.load_checkpoint(checkpoint)
-    first_step = trainer.step
-    started = time.perf_counter()
-    result = trainer.fit()
-    seconds = time.perf_counter() - started
-    steps_per_epoch = -(-len(examples) // config.batch_size)
     next_item_targets = np.flatnonzero(~np.isin(split.test.user, held_out))
     if test_users is not None and test_users < len(next_item_targets):
         next_item_targets = np.sort(np.random.default_rng(seed).choice(next_item_targets, test_users, replace=False))
+    first_step, seconds, curve = trainer.step, 0.0, []
+    pauses = range(curve_every, config.max_steps, curve_every) if curve_every else ()
+    for stop_at in [step for step in pauses if step > first_step] + [config.max_steps]:
+        if config.time_limit_s:  # the limit is the whole run's, not each segment's
+            trainer.config = dataclasses.replace(trainer.config, time_limit_s=max(1e-6, config.time_limit_s - seconds))
+        started = time.perf_counter()
+        result = trainer.fit(stop_at=stop_at)
+        seconds += time.perf_counter() - started  # training only: the curve's evaluations are not timed
+        if result.step < stop_at:  # the time limit
+            break
+        if stop_at < config.max_steps:
+            curve.append({"step": result.step, **evaluate_ranker(model, data, split, held_out, next_item_targets)})
+    test = evaluate_ranker(model, data, split, held_out, next_item_targets)
+    if curve_every:
+        curve.append({"step": result.step, **test})
+    steps_per_epoch = -(-len(examples) // config.batch_size)
     metrics = {
-        "test": evaluate_ranker(model, data, split, held_out, next_item_targets),
+        "test": test, "curve": curve,
         "action_users": len(held_out),
         "train_seconds": seconds, "steps": result.step, "steps_timed": result.step - first_step,
         "seconds_per_step": seconds / max(1, result.step - first_step), "steps_per_epoch": steps_per_epoch,
@@ -214,6 +227,11 @@ def format_ranker_metrics(metrics: dict, behaviors) -> str:
         f"{name} {baseline[name]['ne']:.4f}" for name in behaviors) + f"; mean {baseline['mean_ne']:.4f}")
     lines.append(f"next item at the test row ({ranking['count']} users, full ranking): HR@10 {ranking['hr@10']:.4f} "
                  f"± {ranking['hr@10_se']:.4f}, NDCG@10 {ranking['ndcg@10']:.4f} ± {ranking['ndcg@10_se']:.4f}")
+    if metrics.get("curve"):
+        lines += ["learning curve (test metrics at these steps; the last step's weights are the run's):",
+                  "| step | action mean NE | next item HR@10 | NDCG@10 |", "|---|---|---|---|"]
+        lines += [f"| {point['step']} | {point['action']['mean_ne']:.4f} | {point['next_item']['hr@10']:.4f} | "
+                  f"{point['next_item']['ndcg@10']:.4f} |" for point in metrics["curve"]]
     lines.append(f"training: {metrics['steps']} steps, {metrics['seconds_per_step']:.3f} s/step, "
                  f"{metrics['steps_per_epoch']} steps/epoch = {metrics['seconds_per_epoch']:.1f} s/epoch, "
                  f"{metrics['tokens_per_step']:.0f} sequence tokens/step, {metrics['threads']} threads")
