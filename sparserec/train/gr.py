@@ -194,10 +194,11 @@ def train_ranker(model: GenerativeRanker, data: InteractionData, split: DataSpli
         if result.step < stop_at:  # the time limit
             break
         if stop_at < config.max_steps:
-            curve.append({"step": result.step, **evaluate_ranker(model, data, split, held_out, next_item_targets)})
+            curve.append({"step": result.step, "cpu_s": trainer.cpu_seconds(),
+                          **evaluate_ranker(model, data, split, held_out, next_item_targets)})
     test = evaluate_ranker(model, data, split, held_out, next_item_targets)
     if curve_every:
-        curve.append({"step": result.step, **test})
+        curve.append({"step": result.step, "cpu_s": trainer.cpu_seconds(), **test})
     steps_per_epoch = -(-len(examples) // config.batch_size)
     metrics = {
         "test": test, "curve": curve,
