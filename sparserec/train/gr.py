@@ -171,7 +171,8 @@ def train_ranker(model: GenerativeRanker, data: InteractionData, split: DataSpli
     in out_dir; resume continues them), evaluates, writes out_dir/metrics.json and returns it: test
     metrics, training seconds and steps, steps per epoch, sequence tokens per step (mean over an
     epoch) and seconds per step and per epoch. curve_every > 0: the test metrics every that many
-    steps as well ("curve"; a learning curve, not used to pick weights: the last step's are kept)."""
+    steps as well ("curve"; a learning curve, not used to pick weights: the last step's are kept;
+    a resumed run records the points after its resumption)."""
     held_out = action_users(data, split.train_end, seed=seed)
     examples = RankerExamples(data, split.train_end, model.config.max_length, held_out)
     model.set_action_prior(training_rates(data, split, held_out).float())  # a resumed checkpoint replaces it
