@@ -113,7 +113,6 @@ def hand_written(model, items, actions):
     n_items = len(items)
     x = model.item_embedding.weight[items] + model.positions.weight[:n_items]
     alpha = model.action_values.weight[actions].view(n_items, heads, adim)
-    pooled = None
     for layer, block in enumerate(model.blocks):
         attention = block.attention
         h = block.attention_norm(x)
@@ -130,17 +129,10 @@ def hand_written(model, items, actions):
             value_rows.append(torch.einsum("hs,shd->hd", p, values))
             action_rows.append(torch.einsum("hs,shd->hd", p, past_actions))
         o_v, o_a = torch.stack(value_rows), torch.stack(action_rows)
-        if config.fusion == "mvp":
-            out = torch.cat([o_v, o_a], dim=-1).flatten(1) @ attention.out_proj.weight.T
-        else:
-            out = o_v.flatten(1) @ attention.out_proj.weight.T
-            if with_actions:
-                pooled = o_a.flatten(1)
+        out = torch.cat([o_v, o_a] if with_actions else [o_v], dim=-1).flatten(1) @ attention.out_proj.weight.T
         x = x + out
         x = x + block.ffn(block.ffn_norm(x))
     state = model.norm(x)
-    if config.fusion == "lfa":
-        state = state + pooled @ model.lfa_proj.weight.T
     action_logits = state @ model.action_head.weight.T + model.action_head.bias
     return action_logits, state + model.action_embedding.weight[actions]
 

@@ -10,10 +10,11 @@ user's interactions (i_1, a_1), ..., (i_N, a_N) (item, action = behavior index):
   residual), so the actions a_m (m < n) can ride along the values without position n ever seeing
   a_n. The action stream is extra value columns of the same softmax: values [v_m | α(a_m)]
   (the sink's action columns are 0), output split into [o_v | o_a].
-  `lfa`: action columns in the last layer only; o_a (all heads) bypasses the block and is added
-  to the final state through its own projection (late fusion).
-  `mvp`: action columns in every layer; [o_v | o_a] goes through the layer's output projection
-  (mixed value pooling).
+  `lfa`: action columns in the last layer only (late fusion): the layers before it are item-only,
+  so every attention weight is item-item, and the last layer's pooled past actions enter the
+  residual stream right after its attention, before its feed-forward.
+  `mvp`: action columns in every layer (mixed value pooling), so later layers' weights see them.
+  Either way [o_v | o_a] goes through the layer's output projection.
   For both, item n's own action a_n is added (an embedding) to the state that predicts i_{n+1}.
 
 Action prediction: one sigmoid per behavior (K binary tasks, label 1[a_n = b]); next item: a
@@ -89,23 +90,21 @@ class GRAttention(nn.Module):
     """One causal self-attention layer, optionally with the sink/strict layout and action value columns.
 
     forward(x (B, L, d), valid (B, L) bool, anchors (B, L) bool, actions (B, L, H*action_dim) or None)
-    -> (attention output (B, L, d), pooled actions (B, L, H*action_dim) or None). With
-    `pooled_out=True` the action columns are returned instead of entering the output projection (LFA).
+    -> attention output (B, L, d); with action columns, W_o [o_v | o_a] per head.
     """
 
-    def __init__(self, config: GRConfig, strict: bool, action_columns: bool, pooled_out: bool):
+    def __init__(self, config: GRConfig, strict: bool, action_columns: bool):
         super().__init__()
         d, heads = config.d_model, config.num_heads
         self.heads, self.head_dim = heads, d // heads
         self.action_dim = config.action_dim if action_columns else 0
-        self.strict, self.pooled_out = strict, pooled_out
+        self.strict = strict
         self.attention, self.backend, self.jsa = config.attention, config.backend, config.jsa_config()
         self.dropout = config.dropout
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
-        mixed = self.action_dim if action_columns and not pooled_out else 0
-        self.out_proj = nn.Linear(heads * (self.head_dim + mixed), d, bias=False)
+        self.out_proj = nn.Linear(heads * (self.head_dim + self.action_dim), d, bias=False)
         if strict:
             self.sink_key = nn.Parameter(torch.zeros(heads, self.head_dim))
             self.sink_value = nn.Parameter(torch.zeros(heads, self.head_dim))
@@ -142,10 +141,7 @@ class GRAttention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0).transpose(1, 2)
         else:
             out = self._jsa(x, q, k, v, valid, key_anchors)
-        if self.pooled_out:
-            values, pooled = out.split([self.head_dim, self.action_dim], dim=-1)
-            return self.out_proj(values.flatten(2)), pooled.flatten(2)
-        return self.out_proj(out.flatten(2)), None
+        return self.out_proj(out.flatten(2))
 
     def _jsa(self, x, q, k, v, valid, anchors):
         """Causal JSA on the packed real tokens of the padded batch (padding comes back as zeros)."""
@@ -156,18 +152,17 @@ class GRAttention(nn.Module):
 
 
 class GRBlock(nn.Module):
-    def __init__(self, config: GRConfig, strict: bool, action_columns: bool, pooled_out: bool):
+    def __init__(self, config: GRConfig, strict: bool, action_columns: bool):
         super().__init__()
         self.attention_norm = nn.RMSNorm(config.d_model, eps=1e-6)
-        self.attention = GRAttention(config, strict, action_columns, pooled_out)
+        self.attention = GRAttention(config, strict, action_columns)
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=1e-6)
         self.ffn = FeedForward(config.d_model, config.d_ff, "gelu", config.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, valid, anchors, actions):
-        out, pooled = self.attention(self.attention_norm(x), valid, anchors, actions)
-        x = x + self.dropout(out)
-        return x + self.dropout(self.ffn(self.ffn_norm(x))), pooled
+        x = x + self.dropout(self.attention(self.attention_norm(x), valid, anchors, actions))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
 class GenerativeRanker(nn.Module):
@@ -190,11 +185,8 @@ class GenerativeRanker(nn.Module):
         if strict:
             self.action_values = nn.Embedding(config.num_actions, config.num_heads * config.action_dim)
         self.blocks = nn.ModuleList(
-            GRBlock(config, strict, action_columns=fusion == "mvp" or (fusion == "lfa" and layer == config.layers - 1),
-                    pooled_out=fusion == "lfa" and layer == config.layers - 1)
+            GRBlock(config, strict, action_columns=fusion == "mvp" or (fusion == "lfa" and layer == config.layers - 1))
             for layer in range(config.layers))
-        if fusion == "lfa":
-            self.lfa_proj = nn.Linear(config.num_heads * config.action_dim, d, bias=False)
         self.norm = nn.RMSNorm(d, eps=1e-6)
         self.dropout = nn.Dropout(config.dropout)
         self.action_head = nn.Linear(d, config.num_actions)
@@ -225,13 +217,9 @@ class GenerativeRanker(nn.Module):
             return self._interleaved(item_vectors, action_vectors, valid, anchors)
         x = self.dropout(item_vectors + self.positions.weight[:length])
         values = self.action_values(actions)
-        pooled = None
         for block in self.blocks:
-            x, block_pooled = block(x, valid, anchors, values)
-            pooled = block_pooled if block_pooled is not None else pooled
+            x = block(x, valid, anchors, values)
         state = self.norm(x)
-        if pooled is not None:  # lfa: the past actions pooled by the last layer's item-item attention
-            state = state + self.lfa_proj(pooled)
         return self.action_head(state), state + action_vectors
 
     def _interleaved(self, item_vectors, action_vectors, valid, anchors):
@@ -241,7 +229,7 @@ class GenerativeRanker(nn.Module):
         token_valid = valid.repeat_interleave(2, dim=1)
         token_anchors = torch.stack([anchors, torch.zeros_like(anchors)], dim=2).view(batch, 2 * length)
         for block in self.blocks:
-            x, _ = block(x, token_valid, token_anchors, None)
+            x = block(x, token_valid, token_anchors, None)
         state = self.norm(x).view(batch, length, 2, d)
         return self.action_head(state[:, :, 0]), state[:, :, 1]
 
