@@ -17,6 +17,7 @@ behaviors) and the next item's `hr@10`, `ndcg@10`:
 import argparse
 import json
 import os
+import re
 
 
 def ranker_point(point: dict) -> dict:
@@ -68,10 +69,19 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Runs that differ only in their "-seedN" suffix share a colour (one per variant) and differ in line style,
+    # so seed-to-seed spread reads apart from the difference between variants.
+    names = {run: os.path.basename(run.rstrip("/")) for run in curves}
+    variants = list(dict.fromkeys(re.sub(r"-seed\d+$", "", name) for name in names.values()))
+    seen_per_variant = {variant: 0 for variant in variants}
+    styles = ("-", "--", ":", "-.")
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for run, points in curves.items():
+        variant = re.sub(r"-seed\d+$", "", names[run])
+        style = styles[seen_per_variant[variant] % len(styles)]
+        seen_per_variant[variant] += 1
         axes.plot([p[0] if args.x == "cpu-hours" else p[2] for p in points], [p[1] for p in points], marker="o",
-                  label=os.path.basename(run.rstrip("/")))
+                  markersize=4, linestyle=style, color=f"C{variants.index(variant) % 10}", label=names[run])
     for label, value in published:
         axes.axhline(value, linestyle="--", color="grey", linewidth=1)
         axes.annotate(label, (0, value), xytext=(4, 3), textcoords="offset points", fontsize=8, color="grey")
