@@ -3,10 +3,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparserec import JSAConfig
 from sparserec.generate import Trie, beam_search
-from sparserec.models import GRACE, GRACEConfig, SASRec, SASRecConfig, recommend, sequence_loss, shift_right
+from sparserec.models import (GRACE, GRACEConfig, SASRec, SASRecConfig, linear_cross_entropy, recommend, sequence_loss,
+                              shift_right)
+from tolerance import assert_close_to_reference
 
 VOCAB = 24
 JSA = JSAConfig(block=4, stride=2, select_block=4, top_n=2, select_q_block=4, window=3)
@@ -269,3 +272,63 @@ def test_packed_dense_attention_equals_padded_masked_sdpa():
     padded, valid = pad_packed(x, cu_seqlens)
     expected = layer.attention(padded, *layer.attention.keys_values(padded), attn_mask=valid[:, None, None, :])[valid]
     torch.testing.assert_close(layer(x, cu_seqlens), expected)
+
+
+def linear_ce_and_grads(loss_fn, x, weight, targets, upstream=2.5):
+    """The loss and the gradients of upstream * loss for copies of x and weight."""
+    x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = loss_fn(x, weight, targets)
+    (upstream * loss).backward()
+    return loss.detach(), x.grad, weight.grad
+
+
+def two_op_cross_entropy(x, weight, targets):
+    return F.cross_entropy(F.linear(x, weight).to(torch.promote_types(x.dtype, torch.float32)), targets)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 97, 1025])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_against_the_two_op_reference(rows, dtype):
+    """Loss, dx and dW against F.cross_entropy(F.linear(...)) in float64, within the tolerance rule of
+    the same reference in `dtype`, at blocks of one row, of a few rows (a partial last block) and
+    all rows at once."""
+    generator = torch.Generator().manual_seed(rows)
+    vocab, width = 301, 16
+    x = torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    weight = torch.randn(vocab, width, generator=generator, dtype=torch.float64) * 0.5
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    exact = linear_ce_and_grads(two_op_cross_entropy, x, weight, targets)
+    same_dtype = linear_ce_and_grads(two_op_cross_entropy, x.to(dtype), weight.to(dtype), targets)
+    for block_elements in (1, 3 * vocab, 1 << 20):
+        fused = linear_ce_and_grads(lambda *a: linear_cross_entropy(*a, block_elements=block_elements),
+                                    x.to(dtype), weight.to(dtype), targets)
+        for name, out, ref, ref64 in zip(("loss", "dx", "dW"), fused, same_dtype, exact):
+            assert out.dtype == (torch.float32 if name == "loss" else dtype)
+            assert_close_to_reference(out, ref, ref64, atol=1e-6, name=f"{name}, {block_elements} logits a block")
+
+
+def test_linear_cross_entropy_gradcheck_and_no_grad():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 9, (5,), generator=generator)
+    assert torch.autograd.gradcheck(lambda x, w: linear_cross_entropy(x, w, targets, block_elements=18), (x, weight))
+    with torch.no_grad():  # no gradient is made, the loss is the same
+        torch.testing.assert_close(linear_cross_entropy(x, weight, targets), two_op_cross_entropy(x, weight, targets))
+    frozen = linear_ce_and_grads(lambda x, w, t: linear_cross_entropy(x, w.detach(), t), x.detach(), weight.detach(),
+                                 targets)
+    torch.testing.assert_close(frozen[1], linear_ce_and_grads(two_op_cross_entropy, x.detach(), weight.detach(),
+                                                              targets)[1])
+    assert frozen[2] is None
+
+
+def test_linear_cross_entropy_rejects_bad_input():
+    x, weight = torch.zeros(3, 4), torch.zeros(5, 4)
+    with pytest.raises(ValueError, match="x must be"):
+        linear_cross_entropy(x, torch.zeros(5, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="targets must be int64"):
+        linear_cross_entropy(x, weight, torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="targets must be int64"):
+        linear_cross_entropy(x, weight, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="no rows"):
+        linear_cross_entropy(x[:0], weight, torch.zeros(0, dtype=torch.long))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Attention, FeedForward, causal_mask
+from .layers import Attention, FeedForward, causal_mask, linear_cross_entropy
 
 HEADS = ("tied", "untied")
 INIT_STD = 0.02
@@ -93,10 +93,14 @@ class SASRec(nn.Module):
             x = block(x, mask)
         return self.norm(x)
 
+    @property
+    def output_weight(self):
+        """(num_items, d_model): the untied head's, or the item embedding without its padding row."""
+        return self.output.weight if self.output is not None else self.item_embedding.weight[: self.pad_id]
+
     def logits(self, states):
         """States (..., d_model) -> scores over all items (..., num_items)."""
-        weight = self.output.weight if self.output is not None else self.item_embedding.weight[: self.pad_id]
-        return F.linear(states, weight)
+        return F.linear(states, self.output_weight)
 
     def forward(self, item_ids, next_items=None):
         """Without next_items: next-item logits at every position (B, L, num_items) (tests, inspection).
@@ -105,7 +109,7 @@ class SASRec(nn.Module):
         if next_items is None:
             return self.logits(states)
         real = next_items != self.pad_id
-        return F.cross_entropy(self.logits(states[real]).float(), next_items[real])
+        return linear_cross_entropy(states[real], self.output_weight, next_items[real])
 
     def score(self, item_ids):
         """Full-ranking scores (B, num_items) of the item after each right-padded history (B, L)."""

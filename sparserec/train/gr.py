@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from ..data import DataSplit, InteractionData, journey_shifts
 from ..metrics import action_metrics, ranking_metrics
 from ..models.gr import GenerativeRanker
+from ..models.layers import linear_cross_entropy
 from .trainer import Trainer, TrainConfig
 
 
@@ -106,8 +107,9 @@ def ranker_loss(model, batch) -> torch.Tensor:
     action_loss = F.binary_cross_entropy_with_logits(action_logits[valid].float(), labels,
                                                      reduction="sum") / labels.shape[0]
     has_next = valid[:, 1:]
-    next_logits = model.item_logits(states[:, :-1][has_next]).float()
-    return action_loss + F.cross_entropy(next_logits, batch["items"][:, 1:][has_next])
+    next_item_loss = linear_cross_entropy(states[:, :-1][has_next], model.item_embedding.weight,
+                                          batch["items"][:, 1:][has_next])
+    return action_loss + next_item_loss
 
 
 @torch.no_grad()
