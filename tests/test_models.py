@@ -1,4 +1,4 @@
-"""GRACE and SASRec: shapes, learning, KV-cache decoding, beam reordering, ablations."""
+"""GRACE and SASRec: shapes, learning, KV-cache decoding, beam reordering, ablations; the catalogue loss."""
 import math
 
 import pytest
@@ -313,7 +313,7 @@ def test_linear_cross_entropy_gradcheck_and_no_grad():
     weight = torch.randn(9, 4, generator=generator, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 9, (5,), generator=generator)
     assert torch.autograd.gradcheck(lambda x, w: linear_cross_entropy(x, w, targets, block_elements=18), (x, weight))
-    with torch.no_grad():  # no gradient is made, the loss is the same
+    with torch.no_grad():  # the loss alone
         torch.testing.assert_close(linear_cross_entropy(x, weight, targets), two_op_cross_entropy(x, weight, targets))
     frozen = linear_ce_and_grads(lambda x, w, t: linear_cross_entropy(x, w.detach(), t), x.detach(), weight.detach(),
                                  targets)

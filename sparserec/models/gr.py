@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import JSAConfig
 from ..nn.jsa import LinearCompressor, compressed_jsa, cu_seqlens_of
-from .layers import FeedForward, causal_mask
+from .layers import FeedForward, causal_mask, linear_cross_entropy
 
 FUSIONS = ("interleave", "lfa", "mvp")
 ATTENTIONS = ("dense", "jsa")
@@ -236,3 +236,7 @@ class GenerativeRanker(nn.Module):
     def item_logits(self, states):
         """States (..., d) -> scores over every item (..., num_items) (the tied item embedding)."""
         return F.linear(states, self.item_embedding.weight)
+
+    def next_item_loss(self, states, next_items):
+        """Mean cross-entropy of `item_logits(states)` (N, d) against next_items (N,), without the (N, V) logits."""
+        return linear_cross_entropy(states, self.item_embedding.weight, next_items)

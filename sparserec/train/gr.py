@@ -29,7 +29,6 @@ from torch.utils.data import Dataset
 from ..data import DataSplit, InteractionData, journey_shifts
 from ..metrics import action_metrics, ranking_metrics
 from ..models.gr import GenerativeRanker
-from ..models.layers import linear_cross_entropy
 from .trainer import Trainer, TrainConfig
 
 
@@ -107,9 +106,7 @@ def ranker_loss(model, batch) -> torch.Tensor:
     action_loss = F.binary_cross_entropy_with_logits(action_logits[valid].float(), labels,
                                                      reduction="sum") / labels.shape[0]
     has_next = valid[:, 1:]
-    next_item_loss = linear_cross_entropy(states[:, :-1][has_next], model.item_embedding.weight,
-                                          batch["items"][:, 1:][has_next])
-    return action_loss + next_item_loss
+    return action_loss + model.next_item_loss(states[:, :-1][has_next], batch["items"][:, 1:][has_next])
 
 
 @torch.no_grad()
