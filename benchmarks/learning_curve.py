@@ -72,12 +72,13 @@ def main():
     # Runs that differ only in their "-seedN" suffix share a colour (one per variant) and differ in line style,
     # so seed-to-seed spread reads apart from the difference between variants.
     names = {run: os.path.basename(run.rstrip("/")) for run in curves}
-    variants = list(dict.fromkeys(re.sub(r"-seed\d+$", "", name) for name in names.values()))
+    variant_of = {run: re.sub(r"-seed\d+$", "", name) for run, name in names.items()}
+    variants = list(dict.fromkeys(variant_of.values()))
     seen_per_variant = {variant: 0 for variant in variants}
     styles = ("-", "--", ":", "-.")
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for run, points in curves.items():
-        variant = re.sub(r"-seed\d+$", "", names[run])
+        variant = variant_of[run]
         style = styles[seen_per_variant[variant] % len(styles)]
         seen_per_variant[variant] += 1
         axes.plot([p[0] if args.x == "cpu-hours" else p[2] for p in points], [p[1] for p in points], marker="o",
