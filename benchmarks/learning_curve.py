@@ -85,7 +85,9 @@ def main():
                   markersize=4, linestyle=style, color=f"C{variants.index(variant) % 10}", label=names[run])
     for label, value in published:
         axes.axhline(value, linestyle="--", color="grey", linewidth=1)
-        axes.annotate(label, (0, value), xytext=(4, 3), textcoords="offset points", fontsize=8, color="grey")
+        # x in axes coordinates: the label sits at the left edge whatever the data's x range
+        axes.annotate(label, (0, value), xycoords=axes.get_yaxis_transform(), xytext=(4, 3),
+                      textcoords="offset points", fontsize=8, color="grey")
     axes.set_xlabel("CPU-hours (whole process, all threads)" if args.x == "cpu-hours" else "training steps")
     axes.set_ylabel(f"{args.metric} (gr: test curve; others: validation)")
     axes.set_title(args.title or f"{args.metric} against {'CPU budget' if args.x == 'cpu-hours' else 'steps'}")
