@@ -16,6 +16,7 @@ import torch
 
 from sparserec.evaluate import grace_rankings, task_targets
 from sparserec.generate import Trie
+from sparserec.metrics import target_ranks
 from sparserec.pipeline import load_run, subsample
 
 
@@ -38,22 +39,24 @@ def main():
     targets = task_targets(prepared.data, subsample(split, args.users), "behavior_specific")
     ranked = grace_rankings(model, tokenizer, prepared.data, targets, Trie(tokenizer.item_paths()),
                             "behavior_specific", args.beam,
-                            max_interactions=model.config.max_positions // tokenizer.tokens_per_interaction).numpy()
+                            max_interactions=model.config.max_positions // tokenizer.tokens_per_interaction)
     truth = targets.items(prepared.data)
+    ranks = target_ranks(ranked, torch.from_numpy(truth).long()).numpy()  # 1-based, inf: not in the beam
+    found = np.isfinite(ranks)
     paths = tokenizer.item_paths().numpy()
     cot = paths.shape[1] - tokenizer.levels - 1
 
-    hit_rank = np.array([row.tolist().index(item) if item in row else -1 for row, item in zip(ranked, truth)])
     print(f"{args.run}: {len(truth)} {args.split} users, beam {args.beam}")
-    print("users whose target is at rank 1..{}: {}".format(args.beam, np.bincount(hit_rank[hit_rank >= 0],
-                                                                                  minlength=args.beam).tolist()))
+    print(f"users whose target is at rank 1..{args.beam}: "
+          f"{np.bincount(ranks[found].astype(int) - 1, minlength=args.beam).tolist()}")
     for k in (1, 5, 10):
-        print(f"HR@{k} {np.mean((hit_rank >= 0) & (hit_rank < k)):.4f}")
+        print(f"HR@{k} {np.mean(ranks <= k):.4f}")
 
     same_cot = same_first_code = same_sid = above = 0
-    for row, item, rank in zip(ranked, truth, hit_rank):
-        if rank <= 0:
+    for row, item, rank in zip(ranked.numpy(), truth, ranks):
+        if not 1 < rank < np.inf:
             continue
+        rank = int(rank) - 1  # items ranked above the hit
         others, hit = paths[row[:rank]], paths[item]
         cot_match = (others[:, :cot] == hit[:cot]).all(1)
         same_cot += cot_match.sum()
