@@ -64,8 +64,9 @@ def main():
         same_sid += (others[:, :-1] == hit[:-1]).all(1).sum()
         above += rank
     sizes = np.unique(paths[:, :-1], axis=0, return_counts=True)[1]
-    print(f"items ranked above a hit: {above}; sharing its CoT tokens {same_cot / max(above, 1):.3f}, "
-          f"its CoT and SID_1 {same_first_code / max(above, 1):.3f}, its whole semantic ID {same_sid / max(above, 1):.3f}")
+    total = max(above, 1)
+    print(f"items ranked above a hit: {above}; sharing its CoT tokens {same_cot / total:.3f}, "
+          f"its CoT and SID_1 {same_first_code / total:.3f}, its whole semantic ID {same_sid / total:.3f}")
     print(f"catalogue items whose semantic ID another item shares: {sizes[sizes > 1].sum() / len(paths):.3f}")
 
 
