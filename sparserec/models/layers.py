@@ -114,8 +114,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     F.cross_entropy(F.linear(x, W), t) keeps (N, V) logits, their log-softmax and two (N, V)
     gradients in memory; in a Retail ranker step (20k items) those passes took 36% of the time, the
-    three GEMMs 44%. Here each block's logits become its softmax gradient in place while they are in cache and go
-    straight into dx and dW, so nothing of size (N, V) is stored and the backward only scales.
+    three GEMMs 44%. Here each block's logits become its softmax gradient in place while they are in
+    cache and go straight into dx and dW, so nothing of size (N, V) is stored and the backward only
+    scales.
     """
 
     @staticmethod
